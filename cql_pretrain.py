@@ -1,0 +1,649 @@
+"""Offline phase of Off2On (Lee et al., CoRL 2021): an ensemble of N independent CQL agents.
+
+    python cql_pretrain.py --env-id halfcheetah-medium-v2 --ensemble-size 5
+
+Each agent is a SAC actor with two critics trained by CQL(H) (paper eq. 3 with the actor of
+eq. 2). The N agents live in one process as *vectorized* networks (every layer holds all
+members' weights in one [N, in, out] tensor), each with its own initialization and its own
+minibatches. The checkpoint this writes is what `off2on_finetune.py` fine-tunes.
+The exact algorithm and defaults: SPEC.md sections 0-2, 5 and 6.
+"""
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    env_id: str = "halfcheetah-medium-v2"
+    """dataset: a D4RL-style name `{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`,
+    a Minari dataset id (`mujoco/hopper/expert-v0`), or, with `--dataset-path`, the environment"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format .hdf5 file to train on instead of a Minari dataset"""
+    random_dataset_size: int = 1_000_000
+    """transitions in the locally generated uniform-random dataset (`*-random-v2`)"""
+    ensemble_size: int = 5
+    """number of independent CQL agents N"""
+    seed: int = 1
+    """seed of the run"""
+    total_steps: int = 1_000_000
+    """gradient steps per agent"""
+    batch_size: int = 256
+    """minibatch size per agent"""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """hidden layer sizes of actor and critics (the paper used 256 256 256 for halfcheetah-medium-expert)"""
+    cql_alpha: float = 5.0
+    """weight of the CQL regularizer (eq. 3)"""
+    cql_n_actions: int = 10
+    """M: actions of each kind (uniform, pi(.|s), pi(.|s')) in the CQL logsumexp estimate"""
+    bc_steps: int = 40_000
+    """initial steps in which the actor does behaviour cloning instead of maximizing Q"""
+    deterministic_backup: bool = True
+    """leave the entropy term out of the offline Bellman target, as the original CQL code does"""
+    policy_lr: float = 1e-4
+    """actor learning rate"""
+    q_lr: float = 3e-4
+    """critic learning rate"""
+    alpha_lr: float = 1e-4
+    """entropy temperature learning rate"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network soft-update rate"""
+    log_every: int = 1_000
+    """steps between loss logs and progress lines"""
+    eval_every: int = 10_000
+    """steps between evaluations of the ensemble and of each member"""
+    eval_episodes: int = 5
+    """deterministic episodes per policy and evaluation"""
+    save_every: int = 10_000
+    """steps between (atomic) checkpoints of the whole training state"""
+    checkpoint_path: Optional[str] = None
+    """where to write the checkpoint [default: checkpoints/cql__{env_id}__n{N}__seed{seed}.pt]"""
+    resume: bool = False
+    """continue from the checkpoint at `--checkpoint-path` if it exists"""
+    compile: bool = False
+    """compile the loss functions with torch.compile (faster updates, slower start)"""
+    cuda: bool = torch.cuda.is_available()
+    """use CUDA"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic`"""
+    exp_name: str = "cql_pretrain"
+    """name of the experiment, part of the run name"""
+
+
+# ---------------------------------------------------------------------------------------
+# Data: D4RL-style names -> Minari datasets (or a D4RL hdf5 file) -> flat transitions
+# ---------------------------------------------------------------------------------------
+D4RL_NAME = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$")
+GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+# D4RL's random / expert returns of the -v2 datasets (SPEC section 6)
+D4RL_REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
+CHECKPOINT_FORMAT = 1
+
+
+class DatasetError(ValueError):
+    """A dataset that can't be found or read; the message says how to provide it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match this run; the message names both sides."""
+
+
+@dataclass
+class OfflineData:
+    observations: np.ndarray  # [M, obs_dim] float32
+    actions: np.ndarray  # [M, act_dim] float32, scaled to [-1, 1]
+    rewards: np.ndarray  # [M] float32
+    next_observations: np.ndarray  # [M, obs_dim] float32
+    terminations: np.ndarray  # [M] float32: 1 only on a true termination, never on a time limit
+    env_spec: gym.envs.registration.EnvSpec  # the environment to evaluate in
+    dataset_id: str
+    ref_returns: Optional[tuple[float, float]]  # (random, expert) returns for the normalized score
+    ref_source: str  # where ref_returns came from
+
+    def __len__(self):
+        return len(self.rewards)
+
+
+def episodes_to_transitions(episodes) -> dict:
+    """Minari episodes (T+1 observations, T actions) -> flat (s, a, r, s', d); none crosses an episode."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminations")}
+    for ep in episodes:
+        if not isinstance(ep.observations, np.ndarray):
+            raise DatasetError("only flat (Box) observations are supported, this dataset has dict or tuple observations")
+        parts["observations"].append(ep.observations[:-1])
+        parts["next_observations"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions)
+        parts["rewards"].append(ep.rewards)
+        parts["terminations"].append(ep.terminations)
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def load_d4rl_hdf5(path: str) -> dict:
+    """A D4RL-format file -> flat transitions. Without `next_observations`, s' is the next row,
+    so the last step of an episode cut by a time limit (its s' is unknown) is dropped."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"--dataset-path {path} does not exist")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+        if missing:
+            raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
+        d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        if "next_observations" in f:
+            next_obs, keep = f["next_observations"][()], np.ones(len(d["rewards"]), bool)
+        else:
+            next_obs = np.concatenate([d["observations"][1:], d["observations"][-1:]])
+            keep = ~d["timeouts"].astype(bool)
+            keep[-1] = False
+    return {
+        "observations": d["observations"][keep].astype(np.float32),
+        "actions": d["actions"][keep].astype(np.float32),
+        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
+        "next_observations": next_obs[keep].astype(np.float32),
+        "terminations": d["terminals"][keep].astype(np.float32).reshape(-1),
+    }
+
+
+def load_minari_dataset(dataset_id: str):
+    """A local Minari dataset, downloaded first if missing; a clear error where that fails."""
+    import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except ValueError as e:
+        raise DatasetError(f"'{dataset_id}' is not a valid Minari dataset id ({e})") from None
+    print(f"Minari dataset {dataset_id} is not local: downloading it ...", flush=True)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:
+        root = get_dataset_path()
+        raise DatasetError(
+            f"Minari dataset '{dataset_id}' is not in {root} and could not be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet: `minari download {dataset_id}`. "
+            f"Without: copy the dataset folder from a machine that has it into {root} (or point MINARI_DATASETS_PATH at it), "
+            f"or pass --dataset-path to a D4RL-format .hdf5 file."
+        ) from None
+
+
+def make_random_dataset(env_name: str, size: int, seed: int = 0):
+    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
+    Minari dataset, so it is made once. (D4RL's random-v2 files can't be downloaded here.)"""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    dataset_id = f"off2on/{env_name}/random-n{size}-v0"
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    env = gym.make(GYM_IDS[env_name])
+    env.action_space.seed(seed)
+    buffers, steps, episode = [], 0, 0
+    t0 = time.time()
+    print(f"Generating {dataset_id}: {size:,} uniform-random steps in {GYM_IDS[env_name]} ...", flush=True)
+    while steps < size:
+        obs, _ = env.reset(seed=seed + episode)
+        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            steps += 1
+            truncated = truncated or steps == size
+            for k, v in zip(("observations", "actions", "rewards", "terminations", "truncations"), (obs, action, reward, terminated, truncated)):
+                ep[k].append(v)
+            done = terminated or truncated
+            if steps % 100_000 == 0:
+                print(f"  {steps:,}/{size:,} steps ({steps / (time.time() - t0):,.0f} steps/s)", flush=True)
+        buffers.append(EpisodeBuffer(id=episode, **{k: np.asarray(v) for k, v in ep.items()}))
+        episode += 1
+    ref_random, ref_expert = D4RL_REF_RETURNS[env_name]
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env.spec, eval_env=env.spec, algorithm_name="uniform-random policy",
+        author="off2on", author_email="none", code_permalink="cql_pretrain.py", ref_min_score=ref_random, ref_max_score=ref_expert,
+        description=f"{size} steps of a uniform-random policy in {GYM_IDS[env_name]} (stands in for D4RL's {env_name}-random-v2)",
+    )
+
+
+def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_dataset_size: int = 1_000_000) -> OfflineData:
+    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score references."""
+    name = D4RL_NAME.match(env_id)
+    env_name = name.group(1) if name else None
+    if dataset_path is not None:  # --env-id only names the environment
+        if env_name is None:
+            try:
+                env_spec = gym.spec(env_id)
+            except gym.error.Error:
+                raise DatasetError(f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id") from None
+            env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+        else:
+            env_spec = gym.spec(GYM_IDS[env_name])
+        transitions, dataset_id, minari_refs = load_d4rl_hdf5(dataset_path), os.path.abspath(dataset_path), None
+    elif name:
+        kind = name.group(2)
+        if kind == "medium-replay":
+            raise DatasetError(
+                f"{env_id} has no Minari equivalent: download D4RL's {env_name}_medium_replay-v2.hdf5 "
+                f"and pass it with --dataset-path (and --env-id {env_id})"
+            )
+        if kind == "random":
+            datasets = [make_random_dataset(env_name, random_dataset_size)]
+        else:  # medium-expert is medium and expert concatenated, as D4RL built it
+            datasets = [load_minari_dataset(f"mujoco/{env_name}/{k}-v0") for k in kind.split("-")]
+        transitions = episodes_to_transitions(ep for ds in datasets for ep in ds.iterate_episodes())
+        env_spec, dataset_id, minari_refs = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name]), env_id, datasets[0]
+    elif "/" in env_id:
+        ds = load_minari_dataset(env_id)
+        if ds.spec.env_spec is None:
+            raise DatasetError(f"Minari dataset {env_id} records no environment to evaluate in")
+        env_spec, dataset_id, minari_refs = ds.spec.env_spec, env_id, ds
+        env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+        transitions = episodes_to_transitions(ds.iterate_episodes())
+    else:
+        raise DatasetError(
+            f"unknown --env-id '{env_id}': expected `{{halfcheetah,hopper,walker2d}}-{{random,medium,expert,medium-expert}}-v2`, "
+            f"a Minari dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id together with --dataset-path FILE.hdf5"
+        )
+
+    meta = minari_refs.storage.metadata if minari_refs is not None else {}
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        ref_returns, ref_source = (float(meta["ref_min_score"]), float(meta["ref_max_score"])), "the Minari dataset's ref_min_score/ref_max_score"
+    elif env_name is not None:
+        ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
+    else:
+        ref_returns, ref_source = None, "none (no reference returns for this environment)"
+
+    action_space = gym.make(env_spec).action_space
+    if transitions["actions"].shape[1:] != action_space.shape:
+        raise DatasetError(f"dataset actions have shape {transitions['actions'].shape[1:]}, env {env_spec.id} expects {action_space.shape}")
+    transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
+    return OfflineData(**transitions, env_spec=env_spec, dataset_id=dataset_id, ref_returns=ref_returns, ref_source=ref_source)
+
+
+def scale_to_unit(actions, action_space):
+    """Env action bounds -> [-1, 1] (identity for the MuJoCo locomotion envs)."""
+    low, high = action_space.low, action_space.high
+    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+
+
+def scale_to_env(actions, action_space):
+    """[-1, 1] -> env action bounds."""
+    low, high = action_space.low, action_space.high
+    return low + (actions + 1) * (high - low) / 2
+
+
+def normalized_score(returns, ref_returns):
+    """D4RL-normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Networks: every layer holds the weights of all members (SPEC section 0)
+# ---------------------------------------------------------------------------------------
+class VectorizedLinear(nn.Module):
+    """N independent linear layers in one: x [N, B, in] -> x @ W + b, W [N, in, out], b [N, 1, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialization, for each member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) -> nn.Sequential:
+    sizes = [in_dim, *hidden_sizes]
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [VectorizedLinear(n_in, n_out, ensemble_size), nn.ReLU()]
+    return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
+
+
+class Critic(nn.Module):
+    """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
+    critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.ensemble_size = ensemble_size
+        self.net = vectorized_mlp(obs_dim + action_dim, hidden_sizes, 1, 2 * ensemble_size)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
+        return self.net(x).view(self.ensemble_size, 2, -1)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the pre-tanh
+    Gaussian. The last layer is the mean head and the log-std head side by side."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * action_dim, ensemble_size)
+
+    def forward(self, obs):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def tanh_gaussian_log_prob(mean, log_std, u):
+    """log pi(tanh(u) | s) for a pre-tanh sample u: Gaussian log-density minus log|d tanh(u)/du|,
+    the latter as 2 (log 2 - u - softplus(-2u)) for stability; summed over action dims."""
+    gaussian = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det_tanh = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (gaussian - log_det_tanh).sum(-1)
+
+
+def tanh_gaussian_sample(mean, log_std, eps):
+    """Reparameterized a = tanh(mean + std * eps) and its log-probability."""
+    u = mean + log_std.exp() * eps
+    return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
+
+
+def ensemble_mean_action(mean):
+    """Deterministic action of the ensemble policy: tanh of the mean of the members' means
+    (the moment-matched Gaussian of SPEC section 3): [N, B, act_dim] -> [B, act_dim]."""
+    return torch.tanh(mean.mean(0))
+
+
+# ---------------------------------------------------------------------------------------
+# Losses and the update of all N agents (eq. 3 for the critics, eq. 2 for the actor)
+# ---------------------------------------------------------------------------------------
+class CQLEnsemble:
+    """N CQL agents trained side by side. Every loss is summed over members, so each member's
+    gradient (and, Adam being elementwise, each member's update) is exactly its own."""
+
+    def __init__(self, obs_dim, action_dim, hidden_sizes=(256, 256), ensemble_size=5, cql_alpha=5.0, cql_n_actions=10,
+                 gamma=0.99, tau=0.005, policy_lr=1e-4, q_lr=3e-4, alpha_lr=1e-4, deterministic_backup=True, device="cpu"):
+        self.obs_dim, self.action_dim, self.ensemble_size = obs_dim, action_dim, ensemble_size
+        self.cql_alpha, self.cql_n_actions, self.gamma, self.tau = cql_alpha, cql_n_actions, gamma, tau
+        self.deterministic_backup, self.target_entropy = deterministic_backup, -float(action_dim)
+        self.actor = Actor(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf_target = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.qf_target.requires_grad_(False)
+        self.log_alpha = torch.zeros(ensemble_size, device=device, requires_grad=True)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=policy_lr)
+        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=q_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=alpha_lr)
+        self.critic_loss_fn, self.actor_loss_fn = self.critic_loss, self.actor_loss
+
+    def compile(self):
+        self.critic_loss_fn, self.actor_loss_fn = torch.compile(self.critic_loss), torch.compile(self.actor_loss)
+
+    def draw_noise(self, batch_size: int) -> dict:
+        """All randomness of one update, so that an update is a function of (weights, batch, noise)."""
+        N, M, B, A, dev = self.ensemble_size, self.cql_n_actions, batch_size, self.action_dim, self.log_alpha.device
+        return {
+            "target": torch.randn(N, B, A, device=dev),  # a'' ~ pi(.|s') of the Bellman target
+            "next_cql": torch.randn(N, M, B, A, device=dev),  # M actions from pi(.|s')
+            "cur_cql": torch.randn(N, M, B, A, device=dev),  # M actions from pi(.|s)
+            "uniform": torch.rand(N, M, B, A, device=dev) * 2 - 1,  # M uniform actions
+            "actor": torch.randn(N, B, A, device=dev),  # a ~ pi(.|s) of the actor loss
+        }
+
+    def critic_loss(self, obs, actions, rewards, next_obs, terminations, mean, log_std, noise):
+        """Bellman error + cql_alpha * CQL(H) regularizer (eq. 3) for both critics of all agents.
+        Inputs [N, B, ...]; mean/log_std: the actor at s (detached here)."""
+        N, M, B, A = self.ensemble_size, self.cql_n_actions, obs.shape[1], self.action_dim
+        with torch.no_grad():
+            next_mean, next_log_std = self.actor(next_obs)
+            next_actions, next_log_pi = tanh_gaussian_sample(next_mean, next_log_std, noise["target"])
+            next_q = self.qf_target(next_obs, next_actions).min(1).values  # [N, B]
+            if not self.deterministic_backup:
+                next_q = next_q - self.log_alpha.exp()[:, None] * next_log_pi
+            target = rewards + self.gamma * (1 - terminations) * next_q
+            # proposal actions of the importance-sampled logsumexp, each with its log-density
+            cur_actions, cur_log_pi = tanh_gaussian_sample(mean.detach()[:, None], log_std.detach()[:, None], noise["cur_cql"])
+            nxt_actions, nxt_log_pi = tanh_gaussian_sample(next_mean[:, None], next_log_std[:, None], noise["next_cql"])
+            log_density = torch.cat([torch.full_like(cur_log_pi, -A * math.log(2)), cur_log_pi, nxt_log_pi], 1)  # [N, 3M, B]
+        # Q at s for the data action and the 3M proposals, in one pass: [N, 2, 1 + 3M, B]
+        all_actions = torch.cat([actions[:, None], noise["uniform"], cur_actions, nxt_actions], 1)
+        all_obs = obs[:, None].expand(-1, 1 + 3 * M, -1, -1)
+        q = self.qf(all_obs.reshape(N, -1, self.obs_dim), all_actions.reshape(N, -1, A)).view(N, 2, 1 + 3 * M, B)
+        q_data = q[:, :, 0]  # [N, 2, B]
+        bellman_loss = ((q_data - target[:, None]) ** 2).mean(-1)  # [N, 2]: plain MSE, as the CQL code
+        logsumexp = torch.logsumexp(q[:, :, 1:] - log_density[:, None], dim=2)  # [N, 2, B]
+        cql_loss = (logsumexp - q_data).mean(-1)  # [N, 2]
+        loss = (bellman_loss + self.cql_alpha * cql_loss).sum()
+        return loss, {"qf_loss": bellman_loss.mean(), "cql_loss": cql_loss.mean(), "q_data": q_data.mean()}
+
+    def actor_loss(self, obs, actions, mean, log_std, noise, behaviour_cloning: bool):
+        """E[alpha log pi(a|s) - min_k Q_k(s, a)] (eq. 2), or for the first bc_steps
+        E[alpha log pi(a|s) - log pi(a_data|s)]; plus the temperature loss. Summed over members."""
+        pi_actions, log_pi = tanh_gaussian_sample(mean, log_std, noise["actor"])  # [N, B, A], [N, B]
+        if behaviour_cloning:
+            objective = tanh_gaussian_log_prob(mean, log_std, torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6)))
+        else:
+            objective = self.qf(obs, pi_actions).min(1).values
+        alpha = self.log_alpha.exp()[:, None].detach()
+        actor_loss = (alpha * log_pi - objective).mean(-1).sum()
+        alpha_loss = -(self.log_alpha[:, None] * (log_pi.detach() + self.target_entropy)).mean(-1).sum()
+        return actor_loss, alpha_loss, {"actor_loss": actor_loss / self.ensemble_size, "alpha": alpha.mean(), "entropy": -log_pi.mean()}
+
+    def update(self, batch, behaviour_cloning=False, noise=None) -> dict:
+        """One gradient step of every agent. batch: (obs, actions, rewards, next_obs, terminations), each [N, B, ...]."""
+        obs, actions, rewards, next_obs, terminations = batch
+        noise = self.draw_noise(obs.shape[1]) if noise is None else noise
+        mean, log_std = self.actor(obs)
+
+        qf_loss, logs = self.critic_loss_fn(obs, actions, rewards, next_obs, terminations, mean, log_std, noise)
+        self.qf_optimizer.zero_grad(set_to_none=True)
+        qf_loss.backward()
+        self.qf_optimizer.step()
+
+        self.qf.requires_grad_(False)  # the actor loss only trains the actor
+        actor_loss, alpha_loss, actor_logs = self.actor_loss_fn(obs, actions, mean, log_std, noise, behaviour_cloning)
+        self.qf.requires_grad_(True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
+        return {**logs, **actor_logs}
+
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(), "actor_optimizer": self.actor_optimizer.state_dict(),
+            "qf_optimizer": self.qf_optimizer.state_dict(), "alpha_optimizer": self.alpha_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict):
+        self.actor.load_state_dict(state["actor"])
+        self.qf.load_state_dict(state["qf"])
+        self.qf_target.load_state_dict(state["qf_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        for name in ("actor_optimizer", "qf_optimizer", "alpha_optimizer"):
+            if name in state:
+                getattr(self, name).load_state_dict(state[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(actor: Actor, envs: list, ensemble_size: int, seed: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic returns of each member and of the ensemble policy, all envs in lockstep.
+    `envs` holds (N + 1) * E envs: E for each member, then E for the ensemble.
+    Returns member returns [N, E] and ensemble returns [E]."""
+    n_eps = len(envs) // (ensemble_size + 1)
+    obs = np.stack([env.reset(seed=seed + j % n_eps)[0] for j, env in enumerate(envs)])
+    returns, active = np.zeros(len(envs)), np.ones(len(envs), bool)
+    action_space = envs[0].action_space
+    while active.any():
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(ensemble_size + 1, n_eps, -1)
+        members_x = torch.cat([x[:-1], x[-1:].expand(ensemble_size, -1, -1)], 1)  # [N, 2E, obs]: own envs, then the ensemble's
+        mean, _ = actor(members_x)
+        actions = torch.cat([torch.tanh(mean[:, :n_eps]).flatten(0, 1), ensemble_mean_action(mean[:, n_eps:])]).cpu().numpy()
+        for j in np.flatnonzero(active):
+            obs[j], reward, terminated, truncated, _ = envs[j].step(scale_to_env(actions[j], action_space))
+            returns[j] += reward
+            active[j] = not (terminated or truncated)
+    returns = returns.reshape(ensemble_size + 1, n_eps)
+    return returns[:-1], returns[-1]
+
+
+def save_checkpoint(path: str, checkpoint: dict):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+def check_checkpoint_matches(metadata: dict, expected: dict, path: str):
+    """Fail with both values named when a checkpoint was made for another env, dataset or network."""
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise CheckpointError(f"checkpoint {path} has {key}={metadata.get(key)!r}, but this run has {key}={value!r}")
+
+
+def default_checkpoint_path(env_id: str, ensemble_size: int, seed: int) -> str:
+    return f"checkpoints/cql__{env_id.replace('/', '-')}__n{ensemble_size}__seed{seed}.pt"
+
+
+def validate_args(args: Args):
+    for name in ("ensemble_size", "total_steps", "batch_size", "cql_n_actions", "log_every", "eval_every", "eval_episodes", "save_every", "random_dataset_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.hidden_sizes or min(args.hidden_sizes) < 1:
+        raise ValueError(f"--hidden-sizes must be positive integers, got {args.hidden_sizes}")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        validate_args(args)
+        data = load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
+    except (ValueError, DatasetError) as e:
+        raise SystemExit(f"error: {e}")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    N = args.ensemble_size
+    obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
+    checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, N, args.seed)
+    metadata = {
+        "obs_dim": obs_dim, "action_dim": action_dim, "hidden_sizes": list(args.hidden_sizes), "ensemble_size": N,
+        "dataset_id": data.dataset_id, "env_id": data.env_spec.id, "critic_source": "cql",
+        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()},
+    }
+    agents = CQLEnsemble(obs_dim, action_dim, args.hidden_sizes, N, args.cql_alpha, args.cql_n_actions, args.gamma, args.tau,
+                         args.policy_lr, args.q_lr, args.alpha_lr, args.deterministic_backup, device)
+
+    start_step, run_name = 0, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if os.path.exists(checkpoint_path):
+        if not args.resume:
+            raise SystemExit(f"error: {checkpoint_path} exists: pass --resume to continue it, or --checkpoint-path to write elsewhere")
+        try:
+            checkpoint = load_checkpoint(checkpoint_path, device)
+            check_checkpoint_matches(checkpoint["metadata"], {k: metadata[k] for k in ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, checkpoint_path)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}")
+        agents.load_state_dict(checkpoint)
+        start_step, run_name = checkpoint["global_step"], checkpoint["run_name"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in checkpoint["rng"]:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        print(f"Resuming {checkpoint_path} at step {start_step:,}")
+    if args.compile:
+        agents.compile()
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"{data.dataset_id}: {len(data):,} transitions, env {data.env_spec.id}, obs {obs_dim}, actions {action_dim}; "
+          f"normalized score uses {data.ref_source}; {N} agents on {device}; logs in runs/{run_name}")
+    dataset = [torch.as_tensor(x, device=device) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminations)]
+    eval_envs = [gym.make(data.env_spec) for _ in range((N + 1) * args.eval_episodes)]
+
+    def save(step):
+        rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+        save_checkpoint(checkpoint_path, {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, **agents.state_dict(),
+                                          "global_step": step, "run_name": run_name, "rng": rng})
+
+    start_time, last_step = time.time(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        idx = torch.randint(len(data), (N, args.batch_size), device=device)  # each agent its own minibatch
+        logs = agents.update([x[idx] for x in dataset], behaviour_cloning=step <= args.bc_steps)
+
+        if step % args.log_every == 0 or step == args.total_steps:
+            logs = {k: v.item() for k, v in logs.items()}
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise SystemExit(f"error: non-finite loss at step {step} ({logs}); the last good checkpoint ({checkpoint_path}) "
+                                 f"is kept. Try a lower --q-lr/--policy-lr or --cql-alpha, and --resume from it")
+            sps = int((step - last_step) / (time.time() - start_time))
+            start_time, last_step = time.time(), step
+            for k, v in logs.items():
+                writer.add_scalar(f"losses/{k}", v, step)
+            writer.add_scalar("charts/SPS", sps, step)
+            print(f"step {step:,}/{args.total_steps:,} | qf {logs['qf_loss']:.3f} | cql {logs['cql_loss']:.3f} | "
+                  f"actor {logs['actor_loss']:.3f} | alpha {logs['alpha']:.4f} | Q {logs['q_data']:.2f} | {sps} SPS", flush=True)
+
+        if step % args.eval_every == 0 or step == args.total_steps:
+            eval_start = time.time()
+            member_returns, ensemble_returns = evaluate(agents.actor, eval_envs, N, args.seed + 10_000, device)
+            writer.add_scalar("eval/return", ensemble_returns.mean(), step)
+            line = f"eval step {step:,}: ensemble return {ensemble_returns.mean():.1f}"
+            for i, r in enumerate(member_returns.mean(1)):
+                writer.add_scalar(f"eval/member{i}_return", r, step)
+            if data.ref_returns is not None:
+                member_scores = normalized_score(member_returns.mean(1), data.ref_returns)
+                score = normalized_score(ensemble_returns.mean(), data.ref_returns)
+                writer.add_scalar("eval/normalized_score", score, step)
+                for i, s in enumerate(member_scores):
+                    writer.add_scalar(f"eval/member{i}_normalized_score", s, step)
+                line += f" (normalized {score:.1f}); members {np.array2string(member_scores, precision=1)}"
+            print(line, flush=True)
+            start_time += time.time() - eval_start  # SPS counts training only
+
+        if step % args.save_every == 0 or step == args.total_steps:
+            save(step)
+    writer.close()
+    print(f"Wrote {checkpoint_path}")
