@@ -73,8 +73,6 @@ class Args:
     """where to write the checkpoint [default: checkpoints/cql__{env_id}__n{N}__seed{seed}.pt]"""
     resume: bool = False
     """continue from the checkpoint at `--checkpoint-path` if it exists"""
-    compile: bool = False
-    """compile the loss functions with torch.compile (faster updates, slower start)"""
     cuda: bool = torch.cuda.is_available()
     """use CUDA"""
     torch_deterministic: bool = True
@@ -193,6 +191,9 @@ def make_random_dataset(env_name: str, size: int, seed: int = 0):
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
         pass
+    except Exception as e:  # a generation interrupted while writing: make it again
+        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
+        minari.delete_dataset(dataset_id)
     env = gym.make(GYM_IDS[env_name])
     env.action_space.seed(seed)
     buffers, steps, episode = [], 0, 0
@@ -214,10 +215,9 @@ def make_random_dataset(env_name: str, size: int, seed: int = 0):
                 print(f"  {steps:,}/{size:,} steps ({steps / (time.time() - t0):,.0f} steps/s)", flush=True)
         buffers.append(EpisodeBuffer(id=episode, **{k: np.asarray(v) for k, v in ep.items()}))
         episode += 1
-    ref_random, ref_expert = D4RL_REF_RETURNS[env_name]
-    return minari.create_dataset_from_buffers(
+    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
         dataset_id, buffers, env=env.spec, eval_env=env.spec, algorithm_name="uniform-random policy",
-        author="off2on", author_email="none", code_permalink="cql_pretrain.py", ref_min_score=ref_random, ref_max_score=ref_expert,
+        author="off2on", author_email="none", code_permalink="cql_pretrain.py",
         description=f"{size} steps of a uniform-random policy in {GYM_IDS[env_name]} (stands in for D4RL's {env_name}-random-v2)",
     )
 
@@ -274,6 +274,9 @@ def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_da
     if transitions["actions"].shape[1:] != action_space.shape:
         raise DatasetError(f"dataset actions have shape {transitions['actions'].shape[1:]}, env {env_spec.id} expects {action_space.shape}")
     transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
+    for key, value in transitions.items():
+        if not np.isfinite(value).all():
+            raise DatasetError(f"dataset {dataset_id} has non-finite values in {key}")
     return OfflineData(**transitions, env_spec=env_spec, dataset_id=dataset_id, ref_returns=ref_returns, ref_source=ref_source)
 
 
@@ -308,21 +311,23 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x, members=slice(None)):
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
 
 
 def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) -> nn.Sequential:
     sizes = [in_dim, *hidden_sizes]
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [VectorizedLinear(n_in, n_out, ensemble_size), nn.ReLU()]
+        layers += [VectorizedLinear(n_in, n_out, ensemble_size), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
 
 
 class Critic(nn.Module):
     """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
     critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
+
+    cpu_chunk_rows = 2048  # on CPU, inputs taller than this run one agent at a time (see forward)
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
         super().__init__()
@@ -331,7 +336,18 @@ class Critic(nn.Module):
 
     def forward(self, obs, actions):
         x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
-        return self.net(x).view(self.ensemble_size, 2, -1)
+        if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
+            # Tall inputs (the CQL term: 31 actions a state) go one agent at a time on CPU: batched,
+            # the activations (80 MB for N=5) overflow the cache, and it ran 1.4x slower (README, Speed).
+            q = torch.cat([self.member_forward(x[2 * i : 2 * i + 2], slice(2 * i, 2 * i + 2)) for i in range(self.ensemble_size)])
+        else:
+            q = self.net(x)
+        return q.view(self.ensemble_size, 2, -1)
+
+    def member_forward(self, x, members: slice):
+        for layer in self.net:
+            x = layer(x, members) if isinstance(layer, VectorizedLinear) else layer(x)
+        return x
 
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -391,10 +407,6 @@ class CQLEnsemble:
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=policy_lr)
         self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=q_lr)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=alpha_lr)
-        self.critic_loss_fn, self.actor_loss_fn = self.critic_loss, self.actor_loss
-
-    def compile(self):
-        self.critic_loss_fn, self.actor_loss_fn = torch.compile(self.critic_loss), torch.compile(self.actor_loss)
 
     def draw_noise(self, batch_size: int) -> dict:
         """All randomness of one update, so that an update is a function of (weights, batch, noise)."""
@@ -409,7 +421,7 @@ class CQLEnsemble:
 
     def critic_loss(self, obs, actions, rewards, next_obs, terminations, mean, log_std, noise):
         """Bellman error + cql_alpha * CQL(H) regularizer (eq. 3) for both critics of all agents.
-        Inputs [N, B, ...]; mean/log_std: the actor at s (detached here)."""
+        Inputs [N, B, ...]; mean/log_std: the actor at s, detached."""
         N, M, B, A = self.ensemble_size, self.cql_n_actions, obs.shape[1], self.action_dim
         with torch.no_grad():
             next_mean, next_log_std = self.actor(next_obs)
@@ -419,7 +431,7 @@ class CQLEnsemble:
                 next_q = next_q - self.log_alpha.exp()[:, None] * next_log_pi
             target = rewards + self.gamma * (1 - terminations) * next_q
             # proposal actions of the importance-sampled logsumexp, each with its log-density
-            cur_actions, cur_log_pi = tanh_gaussian_sample(mean.detach()[:, None], log_std.detach()[:, None], noise["cur_cql"])
+            cur_actions, cur_log_pi = tanh_gaussian_sample(mean[:, None], log_std[:, None], noise["cur_cql"])
             nxt_actions, nxt_log_pi = tanh_gaussian_sample(next_mean[:, None], next_log_std[:, None], noise["next_cql"])
             log_density = torch.cat([torch.full_like(cur_log_pi, -A * math.log(2)), cur_log_pi, nxt_log_pi], 1)  # [N, 3M, B]
         # Q at s for the data action and the 3M proposals, in one pass: [N, 2, 1 + 3M, B]
@@ -452,19 +464,18 @@ class CQLEnsemble:
         noise = self.draw_noise(obs.shape[1]) if noise is None else noise
         mean, log_std = self.actor(obs)
 
-        qf_loss, logs = self.critic_loss_fn(obs, actions, rewards, next_obs, terminations, mean, log_std, noise)
+        qf_loss, logs = self.critic_loss(obs, actions, rewards, next_obs, terminations, mean.detach(), log_std.detach(), noise)
         self.qf_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.qf_optimizer.step()
 
         self.qf.requires_grad_(False)  # the actor loss only trains the actor
-        actor_loss, alpha_loss, actor_logs = self.actor_loss_fn(obs, actions, mean, log_std, noise, behaviour_cloning)
+        actor_loss, alpha_loss, actor_logs = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
         self.qf.requires_grad_(True)
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
+        (actor_loss + alpha_loss).backward()  # disjoint parameters: one backward for both
+        self.actor_optimizer.step()
         self.alpha_optimizer.step()
 
         with torch.no_grad():
@@ -591,8 +602,6 @@ if __name__ == "__main__":
         if device.type == "cuda" and "cuda" in checkpoint["rng"]:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         print(f"Resuming {checkpoint_path} at step {start_step:,}")
-    if args.compile:
-        agents.compile()
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -613,11 +622,13 @@ if __name__ == "__main__":
         idx = torch.randint(len(data), (N, args.batch_size), device=device)  # each agent its own minibatch
         logs = agents.update([x[idx] for x in dataset], behaviour_cloning=step <= args.bc_steps)
 
-        if step % args.log_every == 0 or step == args.total_steps:
+        last = step == args.total_steps
+        if step % args.log_every == 0 or step % args.save_every == 0 or last:
             logs = {k: v.item() for k, v in logs.items()}
-            if not all(math.isfinite(v) for v in logs.values()):
+            if not all(math.isfinite(v) for v in logs.values()):  # checked before every save
                 raise SystemExit(f"error: non-finite loss at step {step} ({logs}); the last good checkpoint ({checkpoint_path}) "
                                  f"is kept. Try a lower --q-lr/--policy-lr or --cql-alpha, and --resume from it")
+        if step % args.log_every == 0 or last:
             sps = int((step - last_step) / (time.time() - start_time))
             start_time, last_step = time.time(), step
             for k, v in logs.items():
@@ -626,7 +637,7 @@ if __name__ == "__main__":
             print(f"step {step:,}/{args.total_steps:,} | qf {logs['qf_loss']:.3f} | cql {logs['cql_loss']:.3f} | "
                   f"actor {logs['actor_loss']:.3f} | alpha {logs['alpha']:.4f} | Q {logs['q_data']:.2f} | {sps} SPS", flush=True)
 
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if step % args.eval_every == 0 or last:
             eval_start = time.time()
             member_returns, ensemble_returns = evaluate(agents.actor, eval_envs, N, args.seed + 10_000, device)
             writer.add_scalar("eval/return", ensemble_returns.mean(), step)
@@ -643,7 +654,7 @@ if __name__ == "__main__":
             print(line, flush=True)
             start_time += time.time() - eval_start  # SPS counts training only
 
-        if step % args.save_every == 0 or step == args.total_steps:
+        if step % args.save_every == 0 or last:
             save(step)
     writer.close()
     print(f"Wrote {checkpoint_path}")
