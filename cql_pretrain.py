@@ -389,6 +389,30 @@ def ensemble_mean_action(mean):
 # ---------------------------------------------------------------------------------------
 # Losses and the update of all N agents (eq. 3 for the critics, eq. 2 for the actor)
 # ---------------------------------------------------------------------------------------
+def cql_proposals(mean, log_std, next_mean, next_log_std, noise):
+    """The 3M actions of the importance-sampled logsumexp and their log-densities: M uniform,
+    M from pi(.|s), M from pi(.|s'). Inputs [N, B, A] -> actions [N, 3M, B, A], log-density [N, 3M, B]."""
+    cur_actions, cur_log_pi = tanh_gaussian_sample(mean[:, None], log_std[:, None], noise["cur_cql"])
+    nxt_actions, nxt_log_pi = tanh_gaussian_sample(next_mean[:, None], next_log_std[:, None], noise["next_cql"])
+    uniform_log_density = torch.full_like(cur_log_pi, -mean.shape[-1] * math.log(2))
+    return torch.cat([noise["uniform"], cur_actions, nxt_actions], 1), torch.cat([uniform_log_density, cur_log_pi, nxt_log_pi], 1)
+
+
+def q_data_and_proposals(qf, obs, actions, proposals):
+    """Q at s of the data action and of the 3M proposals, in one pass: [N, 2, 1 + 3M, B]."""
+    N, K, B, A = proposals.shape
+    all_actions = torch.cat([actions[:, None], proposals], 1)
+    all_obs = obs[:, None].expand(-1, K + 1, -1, -1)
+    return qf(all_obs.reshape(N, -1, obs.shape[-1]), all_actions.reshape(N, -1, A)).view(N, 2, K + 1, B)
+
+
+def cql_gap(q, log_density):
+    """The CQL(H) regularizer of eq. 3 for each agent and critic:
+    E_s[ log sum_j exp(Q(s, a_j) - log density(a_j)) - Q(s, a_data) ]. q from q_data_and_proposals -> [N, 2]."""
+    logsumexp = torch.logsumexp(q[:, :, 1:] - log_density[:, None], dim=2)  # [N, 2, B]
+    return (logsumexp - q[:, :, 0]).mean(-1)
+
+
 class CQLEnsemble:
     """N CQL agents trained side by side. Every loss is summed over members, so each member's
     gradient (and, Adam being elementwise, each member's update) is exactly its own."""
@@ -422,7 +446,6 @@ class CQLEnsemble:
     def critic_loss(self, obs, actions, rewards, next_obs, terminations, mean, log_std, noise):
         """Bellman error + cql_alpha * CQL(H) regularizer (eq. 3) for both critics of all agents.
         Inputs [N, B, ...]; mean/log_std: the actor at s, detached."""
-        N, M, B, A = self.ensemble_size, self.cql_n_actions, obs.shape[1], self.action_dim
         with torch.no_grad():
             next_mean, next_log_std = self.actor(next_obs)
             next_actions, next_log_pi = tanh_gaussian_sample(next_mean, next_log_std, noise["target"])
@@ -430,18 +453,11 @@ class CQLEnsemble:
             if not self.deterministic_backup:
                 next_q = next_q - self.log_alpha.exp()[:, None] * next_log_pi
             target = rewards + self.gamma * (1 - terminations) * next_q
-            # proposal actions of the importance-sampled logsumexp, each with its log-density
-            cur_actions, cur_log_pi = tanh_gaussian_sample(mean[:, None], log_std[:, None], noise["cur_cql"])
-            nxt_actions, nxt_log_pi = tanh_gaussian_sample(next_mean[:, None], next_log_std[:, None], noise["next_cql"])
-            log_density = torch.cat([torch.full_like(cur_log_pi, -A * math.log(2)), cur_log_pi, nxt_log_pi], 1)  # [N, 3M, B]
-        # Q at s for the data action and the 3M proposals, in one pass: [N, 2, 1 + 3M, B]
-        all_actions = torch.cat([actions[:, None], noise["uniform"], cur_actions, nxt_actions], 1)
-        all_obs = obs[:, None].expand(-1, 1 + 3 * M, -1, -1)
-        q = self.qf(all_obs.reshape(N, -1, self.obs_dim), all_actions.reshape(N, -1, A)).view(N, 2, 1 + 3 * M, B)
+            proposals, log_density = cql_proposals(mean, log_std, next_mean, next_log_std, noise)
+        q = q_data_and_proposals(self.qf, obs, actions, proposals)
         q_data = q[:, :, 0]  # [N, 2, B]
         bellman_loss = ((q_data - target[:, None]) ** 2).mean(-1)  # [N, 2]: plain MSE, as the CQL code
-        logsumexp = torch.logsumexp(q[:, :, 1:] - log_density[:, None], dim=2)  # [N, 2, B]
-        cql_loss = (logsumexp - q_data).mean(-1)  # [N, 2]
+        cql_loss = cql_gap(q, log_density)  # [N, 2]
         loss = (bellman_loss + self.cql_alpha * cql_loss).sum()
         return loss, {"qf_loss": bellman_loss.mean(), "cql_loss": cql_loss.mean(), "q_data": q_data.mean()}
 
