@@ -496,7 +496,7 @@ class CQLEnsemble:
 
         with torch.no_grad():
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
-        return {**logs, **actor_logs}
+        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
     def state_dict(self) -> dict:
         return {

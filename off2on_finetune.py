@@ -530,7 +530,7 @@ class CQLEnsemble:
 
         with torch.no_grad():
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
-        return {**logs, **actor_logs}
+        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
     def state_dict(self) -> dict:
         return {
@@ -569,10 +569,10 @@ class Off2OnEnsemble:
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.qf_target.requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
-        self.optimizers = {
-            "actor_optimizer": torch.optim.Adam(self.actor.parameters(), lr=policy_lr),
-            "qf_optimizer": torch.optim.Adam(self.qf.parameters(), lr=q_lr),
-            "alpha_optimizer": torch.optim.Adam([self.log_alpha], lr=alpha_lr),
+        self.optimizers = {  # fused Adam: one kernel per step, ~5% faster here (README, Speed)
+            "actor_optimizer": torch.optim.Adam(self.actor.parameters(), lr=policy_lr, fused=True),
+            "qf_optimizer": torch.optim.Adam(self.qf.parameters(), lr=q_lr, fused=True),
+            "alpha_optimizer": torch.optim.Adam([self.log_alpha], lr=alpha_lr, fused=True),
         }
 
     def load_pretrained(self, checkpoint: dict, members: list[int]):
@@ -648,7 +648,8 @@ class Off2OnEnsemble:
         self.optimizers["alpha_optimizer"].step()
         with torch.no_grad():
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
-        return {**logs, **{k: v.detach() for k, v in actor_logs.items()}}
+        logs = {**logs, **actor_logs} if self.finetune_loss == "cql" else {k: v for k, v in {**logs, **actor_logs}.items() if k != "cql_loss"}
+        return {k: v.detach() for k, v in logs.items()}
 
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
@@ -994,7 +995,7 @@ if __name__ == "__main__":
     replay = BalancedReplay(data, args.total_timesteps, args.replay, args.init_online_fraction, args.epoch_length,
                             args.online_buffer_size, args.seed, device)
     density_ratio = DensityRatio(obs_dim, action_dim).to(device)
-    density_ratio_optimizer = torch.optim.Adam(density_ratio.parameters(), lr=args.density_ratio_lr)
+    density_ratio_optimizer = torch.optim.Adam(density_ratio.parameters(), lr=args.density_ratio_lr, fused=True)
     start_epoch, run_name = 0, f"{env_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if resume:
         agents.load_state_dict(state)
@@ -1036,14 +1037,14 @@ if __name__ == "__main__":
     for epoch in range(start_epoch + 1, n_epochs + 1):
         epoch_start = time.time()
         with torch.no_grad():  # collect one epoch with the merged policy
-            for _ in range(args.epoch_length):
+            for t in range(args.epoch_length):
                 mean, log_std = agents.policy(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
                 action = tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
                 next_obs, reward, terminated, truncated, _ = env.step(scale_to_env(action, env.action_space))
                 replay.add(obs, action, reward, next_obs, terminated)
                 obs, episode_return = next_obs, episode_return + reward
                 if terminated or truncated:
-                    writer.add_scalar("charts/episodic_return", episode_return, epoch * args.epoch_length)
+                    writer.add_scalar("charts/episodic_return", episode_return, (epoch - 1) * args.epoch_length + t + 1)
                     obs, episode_return = env.reset()[0], 0.0
 
         n_updates = args.epoch_length * (args.first_epoch_multiplier if epoch == 1 else 1)

@@ -1,11 +1,13 @@
-"""Speed of the CQL ensemble update, next to this machine's float32 matmul rate (a script, not a test).
+"""Speed of the updates, next to this machine's float32 matmul rate (a script, not a test).
 
     python tests/benchmark.py            # HalfCheetah shapes: obs 17, actions 6, 256-256, batch 256, M = 10
 
-Prints ms per update for N = 1 and N = 5, and the achieved GFLOP/s, counting the matmul FLOPs of
-every layer from its shape (forward, and the weight- and input-gradient products of the backward
-pass where they are computed). Elementwise work is not counted, so the percentage is a lower bound
-on how busy the matrix units are.
+Prints ms per update (CQL pretraining for N = 1 and 5; the full fine-tuning step for N = 1 and 5:
+SAC ensemble + density ratio + sum-tree sampling and priority write-back at 2M capacity) and the
+achieved GFLOP/s, counting the matmul FLOPs of every layer from its shape (forward, and the weight-
+and input-gradient products of the backward pass where they are computed). Elementwise work is
+not counted, so the percentage is a lower bound on how busy the matrix units are. Then the sum
+tree's share, the online env-step cost, and the whole fine-tuning loop's env steps per second.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cql_pretrain  # noqa: E402
+import off2on_finetune as ft  # noqa: E402
 
 
 def matmul_rate(seconds=2.0) -> float:
@@ -61,6 +64,90 @@ def cql_update_flops(N, B, M, obs_dim, action_dim, hidden) -> int:
     return N * per_agent
 
 
+def finetune_step_flops(N, B, obs_dim, action_dim, hidden) -> int:
+    critic, actor, ratio = [obs_dim + action_dim, *hidden, 1], [obs_dim, *hidden, 2 * action_dim], [obs_dim + action_dim, 256, 256, 1]
+    per_member = (
+        mlp_flops(2 * B, critic, "weights")  # both critics at (s, a)
+        + mlp_flops(2 * B, critic)  # target critics at s'
+        + mlp_flops(B, actor)  # pi_i(.|s')
+        + mlp_flops(B, actor, "weights")  # pi_i(.|s), trained through pi_E
+        + mlp_flops(2 * B, critic, "inputs")  # critics in the actor loss
+    )
+    return N * per_member + mlp_flops(3 * B, ratio, "weights")  # density ratio: RL batch, online and offline batches
+
+
+def median_seconds(fn, repeats, device) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def make_finetune_step(N, B, obs_dim, action_dim, hidden, device, n_offline=1_750_000, n_online=250_000):
+    """One fine-tuning gradient step as off2on_finetune.py runs it, on a 2M-transition buffer."""
+    import gymnasium as gym
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = ft.OfflineData(rng.standard_normal((n_offline, obs_dim), dtype=np.float32), rng.uniform(-1, 1, (n_offline, action_dim)).astype(np.float32),
+                          rng.standard_normal(n_offline, dtype=np.float32), rng.standard_normal((n_offline, obs_dim), dtype=np.float32),
+                          np.zeros(n_offline, np.float32), gym.spec("HalfCheetah-v5"), "benchmark", None, "none")
+    replay = ft.BalancedReplay(data, n_online, "balanced", device=device)
+    for name in ft.FIELDS:  # fill the online part at once
+        replay.storage[name][n_offline:] = torch.randn_like(replay.storage[name][n_offline:])
+    replay.n_online = n_online
+    replay.tree.update(np.arange(n_offline, n_offline + n_online), np.full(n_online, replay.max_priority))
+    agents = ft.Off2OnEnsemble(obs_dim, action_dim, hidden, N, device=device)
+    density_ratio = ft.DensityRatio(obs_dim, action_dim).to(device)
+    optimizer = torch.optim.Adam(density_ratio.parameters(), lr=3e-4, fused=True)
+
+    def step():
+        idx = replay.sample_indices(B)
+        batch = replay.get(idx)
+        online_idx, offline_idx = replay.density_ratio_indices(B)
+        on, off = replay.get(online_idx), replay.get(offline_idx)
+        w = density_ratio(torch.cat([batch[0], on[0], off[0]]), torch.cat([batch[1], on[1], off[1]]))
+        w_batch, w_online, w_offline = w.split(B)
+        with torch.no_grad():
+            replay.update_priorities(idx, ft.priority(w_batch, w_offline, 5.0).cpu().numpy())
+        loss = ft.density_ratio_loss(w_online, w_offline)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        agents.update(batch)
+
+    def tree_only():
+        idx = replay.tree.sample(B, replay.rng)
+        replay.tree.update(idx, rng.uniform(0.5, 2, B))
+
+    return step, tree_only, agents
+
+
+def time_env_step(agents, device, steps=1000) -> float:
+    """One online step: the merged policy's action, then a HalfCheetah-v5 step."""
+    import gymnasium as gym
+
+    env = gym.make("HalfCheetah-v5")
+    obs, _ = env.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.no_grad():
+            mean, log_std = agents.policy(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+            action = ft.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
+        obs, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+    return (time.perf_counter() - start) / steps
+
+
 def time_update(N, B, M, obs_dim, action_dim, hidden, repeats, device) -> float:
     torch.manual_seed(0)
     agents = cql_pretrain.CQLEnsemble(obs_dim, action_dim, hidden, N, cql_n_actions=M, device=device)
@@ -102,3 +189,18 @@ if __name__ == "__main__":
         cql_pretrain.Critic.cpu_chunk_rows = default
         flops = cql_update_flops(N, B, M, obs_dim, action_dim, hidden)
         print(f"| {name} | {N} | {seconds * 1e3:.0f} | {flops / 1e9:.1f} | {flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / rate:.0f}% |")
+
+    for N in (1, 5):
+        step, tree_only, agents = make_finetune_step(N, B, obs_dim, action_dim, hidden, args.device)
+        seconds = median_seconds(step, args.repeats, args.device)
+        flops = finetune_step_flops(N, B, obs_dim, action_dim, hidden)
+        print(f"| fine-tuning step (SAC ensemble + density ratio + sum tree, 2M buffer) | {N} | {seconds * 1e3:.1f} | {flops / 1e9:.2f} | "
+              f"{flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / rate:.0f}% |")
+    tree_seconds = median_seconds(tree_only, 200, "cpu")
+
+    env_seconds = time_env_step(agents, args.device)
+    print(f"\nsum tree, 2M capacity, sample {B} + update {B} priorities: {tree_seconds * 1e3:.2f} ms = "
+          f"{100 * tree_seconds / seconds:.1f}% of the N=5 fine-tuning step")
+    print(f"online env step (HalfCheetah-v5, N=5 merged policy): {env_seconds * 1e3:.2f} ms")
+    print(f"fine-tuning loop, N=5, 1 update per env step: {1 / (seconds + env_seconds):.1f} env steps/s "
+          f"({1000 * (seconds + env_seconds) / 60:.1f} min per 1000-step epoch)")
