@@ -549,11 +549,12 @@ def save_checkpoint(path: str, checkpoint: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
+def load_checkpoint(path: str) -> dict:
+    """Read on the CPU (RNG states must stay there); load_state_dict moves tensors to the device."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
@@ -566,6 +567,23 @@ def check_checkpoint_matches(metadata: dict, expected: dict, path: str):
     for key, value in expected.items():
         if metadata.get(key) != value:
             raise CheckpointError(f"checkpoint {path} has {key}={metadata.get(key)!r}, but this run has {key}={value!r}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def restore_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_same_settings(saved: dict, current: dict, path: str, ignore=()):
+    """Resuming under other algorithm settings would silently mix two runs: fail, naming them."""
+    differing = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
+    if differing:
+        raise CheckpointError(f"{path} was made with other settings (saved, now): {differing}; resume with the same ones, or start a new run")
 
 
 def default_checkpoint_path(env_id: str, ensemble_size: int, seed: int) -> str:
@@ -582,19 +600,20 @@ def validate_args(args: Args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, args.ensemble_size, args.seed)
     try:
         validate_args(args)
+        if os.path.exists(checkpoint_path) and not args.resume:
+            raise ValueError(f"{checkpoint_path} exists: pass --resume to continue it, or --checkpoint-path to write elsewhere")
         data = load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
-    except (ValueError, DatasetError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     N = args.ensemble_size
     obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-    checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, N, args.seed)
     metadata = {
         "obs_dim": obs_dim, "action_dim": action_dim, "hidden_sizes": list(args.hidden_sizes), "ensemble_size": N,
         "dataset_id": data.dataset_id, "env_id": data.env_spec.id, "critic_source": "cql",
@@ -605,18 +624,16 @@ if __name__ == "__main__":
 
     start_step, run_name = 0, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if os.path.exists(checkpoint_path):
-        if not args.resume:
-            raise SystemExit(f"error: {checkpoint_path} exists: pass --resume to continue it, or --checkpoint-path to write elsewhere")
         try:
-            checkpoint = load_checkpoint(checkpoint_path, device)
+            checkpoint = load_checkpoint(checkpoint_path)
             check_checkpoint_matches(checkpoint["metadata"], {k: metadata[k] for k in ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, checkpoint_path)
+            check_same_settings(checkpoint["metadata"]["args"], metadata["args"], checkpoint_path,
+                                ignore=("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every", "eval_episodes", "save_every", "exp_name"))
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
         agents.load_state_dict(checkpoint)
         start_step, run_name = checkpoint["global_step"], checkpoint["run_name"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        restore_rng_state(checkpoint["rng"])
         print(f"Resuming {checkpoint_path} at step {start_step:,}")
 
     from torch.utils.tensorboard import SummaryWriter
@@ -629,9 +646,8 @@ if __name__ == "__main__":
     eval_envs = [gym.make(data.env_spec) for _ in range((N + 1) * args.eval_episodes)]
 
     def save(step):
-        rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
         save_checkpoint(checkpoint_path, {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, **agents.state_dict(),
-                                          "global_step": step, "run_name": run_name, "rng": rng})
+                                          "global_step": step, "run_name": run_name, "rng": rng_state()})
 
     start_time, last_step = time.time(), start_step
     for step in range(start_step + 1, args.total_steps + 1):

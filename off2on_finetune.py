@@ -40,7 +40,8 @@ class Args:
     random_dataset_size: int = 1_000_000
     """transitions in the locally generated uniform-random dataset (`*-random-v2`)"""
     checkpoint: Optional[str] = None
-    """pretrained CQL ensemble [default: checkpoints/cql__{env_id}__n{N}__seed{seed}.pt, else ...__n5__...]"""
+    """pretrained CQL ensemble [default: checkpoints/cql__{env_id}__n{N}__seed{seed}.pt, else ...__n5__...;
+    if none exists, the ensemble is pretrained here first (`--offline-steps`)]"""
     ensemble_size: int = 5
     """number of agents N in the Q-ensemble"""
     members: Optional[str] = None
@@ -102,13 +103,13 @@ class Args:
     save_every: int = 10
     """epochs between checkpoints of the whole fine-tuning state"""
     resume: bool = False
-    """continue the fine-tuning run saved in checkpoints/off2on__...pt"""
+    """continue the fine-tuning run saved in checkpoints/{exp_name}__{env_id}__n{N}__seed{seed}.pt"""
     cuda: bool = torch.cuda.is_available()
     """use CUDA"""
     torch_deterministic: bool = True
     """set `torch.backends.cudnn.deterministic`"""
     exp_name: str = "off2on_finetune"
-    """name of the experiment, part of the run name"""
+    """name of the experiment: part of the run name and of the fine-tuning state's file (one per variant)"""
 
 
 # ---------------------------------------------------------------------------------------
@@ -569,11 +570,13 @@ class Off2OnEnsemble:
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.qf_target.requires_grad_(False)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)
-        self.optimizers = {  # fused Adam: one kernel per step, ~5% faster here (README, Speed)
-            "actor_optimizer": torch.optim.Adam(self.actor.parameters(), lr=policy_lr, fused=True),
-            "qf_optimizer": torch.optim.Adam(self.qf.parameters(), lr=q_lr, fused=True),
-            "alpha_optimizer": torch.optim.Adam([self.log_alpha], lr=alpha_lr, fused=True),
-        }
+        # fused Adam: one kernel per step, ~5% faster here (README, Speed)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=policy_lr, fused=True)
+        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=q_lr, fused=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=alpha_lr, fused=True)
+
+    # the same fields as a CQL ensemble's: networks, log_alpha, the three optimizers
+    state_dict, load_state_dict = CQLEnsemble.state_dict, CQLEnsemble.load_state_dict
 
     def load_pretrained(self, checkpoint: dict, members: list[int]):
         """Take the chosen members' actors and critics from a pretrained checkpoint (section 5);
@@ -615,12 +618,15 @@ class Off2OnEnsemble:
                 proposals, log_density = cql_proposals(*self.actor(obs), *next_members, noise)
         if self.finetune_loss == "cql":
             q = q_data_and_proposals(self.qf, obs, actions, proposals)
-            q_data, cql_loss = q[:, :, 0], cql_gap(q, log_density)
+            q_data = q[:, :, 0]
         else:
-            q_data, cql_loss = self.qf(obs, actions), torch.zeros((), device=obs.device)
+            q_data = self.qf(obs, actions)
         bellman_loss = ((q_data - target[:, None]) ** 2).mean(-1)  # [N, 2]
-        loss = (bellman_loss + self.cql_alpha * cql_loss).sum()
-        return loss, {"qf_loss": bellman_loss.mean(), "cql_loss": cql_loss.mean(), "q_data": q_data.mean()}
+        logs = {"qf_loss": bellman_loss.mean(), "q_data": q_data.mean()}
+        if self.finetune_loss == "cql":
+            cql_loss = cql_gap(q, log_density)
+            return (bellman_loss + self.cql_alpha * cql_loss).sum(), {**logs, "cql_loss": cql_loss.mean()}
+        return bellman_loss.sum(), logs
 
     def actor_loss(self, obs, noise):
         """E[alpha log pi_E(a|s) - mean_i min_k Q_ik(s, a)], a ~ pi_E(.|s), and the temperature loss."""
@@ -636,33 +642,19 @@ class Off2OnEnsemble:
         """One gradient step on a batch [B, ...] shared by all members: critics, then actors and alpha."""
         noise = self.draw_noise(batch[0].shape[0]) if noise is None else noise
         qf_loss, logs = self.critic_loss(*batch, noise)
-        self.optimizers["qf_optimizer"].zero_grad(set_to_none=True)
+        self.qf_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
-        self.optimizers["qf_optimizer"].step()
+        self.qf_optimizer.step()
 
         actor_loss, alpha_loss, actor_logs = self.actor_loss(batch[0], noise)
-        self.optimizers["actor_optimizer"].zero_grad(set_to_none=True)
-        self.optimizers["alpha_optimizer"].zero_grad(set_to_none=True)
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        self.alpha_optimizer.zero_grad(set_to_none=True)
         (actor_loss + alpha_loss).backward()  # disjoint parameters: one backward for both
-        self.optimizers["actor_optimizer"].step()
-        self.optimizers["alpha_optimizer"].step()
+        self.actor_optimizer.step()
+        self.alpha_optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
-        logs = {**logs, **actor_logs} if self.finetune_loss == "cql" else {k: v for k, v in {**logs, **actor_logs}.items() if k != "cql_loss"}
-        return {k: v.detach() for k, v in logs.items()}
-
-    def state_dict(self) -> dict:
-        return {"actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
-                "log_alpha": self.log_alpha.detach().clone(), **{k: v.state_dict() for k, v in self.optimizers.items()}}
-
-    def load_state_dict(self, state: dict):
-        self.actor.load_state_dict(state["actor"])
-        self.qf.load_state_dict(state["qf"])
-        self.qf_target.load_state_dict(state["qf_target"])
-        with torch.no_grad():
-            self.log_alpha.copy_(state["log_alpha"])
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state[name])
+        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -730,7 +722,7 @@ def density_ratio_loss(w_online, w_offline):
 
 def priority(w, w_offline, temperature: float):
     """Self-normalized priority (eq. 6): w^(1/T) / mean over the offline batch of w^(1/T), in [1e-3, 1e3]."""
-    return (w ** (1 / temperature) / (w_offline ** (1 / temperature)).mean()).clamp(1e-3, 1e3)
+    return (w ** (1 / temperature) / ((w_offline ** (1 / temperature)).mean() + 1e-10)).clamp(1e-3, 1e3)
 
 
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations")
@@ -786,6 +778,8 @@ class BalancedReplay:
         return [self.storage[name][idx] for name in FIELDS]
 
     def update_priorities(self, idx, priorities):
+        if not np.isfinite(priorities).all():
+            raise ValueError(f"non-finite priorities {priorities[~np.isfinite(priorities)][:5]}: the density-ratio net diverged")
         self.tree.update(idx, priorities)
         self.max_priority = max(self.max_priority, float(priorities.max()))
 
@@ -858,11 +852,12 @@ def save_checkpoint(path: str, checkpoint: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
+def load_checkpoint(path: str) -> dict:
+    """Read on the CPU (RNG states must stay there); load_state_dict moves tensors to the device."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
@@ -875,6 +870,23 @@ def check_checkpoint_matches(metadata: dict, expected: dict, path: str):
     for key, value in expected.items():
         if metadata.get(key) != value:
             raise CheckpointError(f"checkpoint {path} has {key}={metadata.get(key)!r}, but this run has {key}={value!r}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def restore_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_same_settings(saved: dict, current: dict, path: str, ignore=()):
+    """Resuming under other algorithm settings would silently mix two runs: fail, naming them."""
+    differing = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
+    if differing:
+        raise CheckpointError(f"{path} was made with other settings (saved, now): {differing}; resume with the same ones, or start a new run")
 
 
 def default_checkpoint_path(env_id: str, ensemble_size: int, seed: int) -> str:
@@ -893,21 +905,26 @@ def parse_members(members: Optional[str], ensemble_size: int) -> list[int]:
     return chosen
 
 
+def run_metadata(args: Args, data: OfflineData, hidden_sizes, critic_source: str) -> dict:
+    """The checkpoint metadata of SPEC section 5."""
+    return {"obs_dim": data.observations.shape[1], "action_dim": data.actions.shape[1], "hidden_sizes": list(hidden_sizes),
+            "ensemble_size": args.ensemble_size, "dataset_id": data.dataset_id, "env_id": data.env_spec.id, "critic_source": critic_source,
+            "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}}
+
+
 def pretrain_cql(args: Args, data: OfflineData, path: str, device) -> dict:
     """No checkpoint: pretrain the N CQL agents here, as cql_pretrain.py does (without its
     evaluations). Progress is saved to `path`.partial every 10k steps; rerunning continues it."""
     obs_dim, action_dim, N = data.observations.shape[1], data.actions.shape[1], args.ensemble_size
     agents = CQLEnsemble(obs_dim, action_dim, args.hidden_sizes, N, args.cql_alpha, args.cql_n_actions, args.gamma, args.tau, device=device)  # CQL's own lrs
-    metadata = {"obs_dim": obs_dim, "action_dim": action_dim, "hidden_sizes": list(args.hidden_sizes), "ensemble_size": N,
-                "dataset_id": data.dataset_id, "env_id": data.env_spec.id, "critic_source": "cql",
-                "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}}
+    metadata = run_metadata(args, data, args.hidden_sizes, critic_source="cql")
     partial, start = f"{path}.partial", 0
     if os.path.exists(partial):
-        checkpoint = load_checkpoint(partial, device)
+        checkpoint = load_checkpoint(partial)
         check_checkpoint_matches(checkpoint["metadata"], {k: metadata[k] for k in ("dataset_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, partial)
         agents.load_state_dict(checkpoint)
         start = checkpoint["global_step"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
+        restore_rng_state(checkpoint["rng"])
     print(f"No pretrained ensemble found: pretraining {N} CQL agents for {args.offline_steps:,} steps (from step {start:,}) into {path}", flush=True)
     dataset = [torch.as_tensor(x, device=device) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminations)]
     start_time = time.time()
@@ -923,9 +940,9 @@ def pretrain_cql(args: Args, data: OfflineData, path: str, device) -> dict:
                   f"actor {logs['actor_loss']:.3f} | {(step - start) / (time.time() - start_time):.1f} steps/s", flush=True)
         if step % 10_000 == 0 or last:
             save_checkpoint(partial, {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, **agents.state_dict(),
-                                      "global_step": step, "run_name": "inline", "rng": {"torch": torch.get_rng_state()}})
+                                      "global_step": step, "run_name": "inline", "rng": rng_state()})
     os.replace(partial, path)
-    return load_checkpoint(path, device)
+    return load_checkpoint(path)
 
 
 def validate_args(args: Args):
@@ -943,34 +960,28 @@ def validate_args(args: Args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    env_tag = args.env_id.replace("/", "-")
+    state_path = f"checkpoints/{args.exp_name}__{env_tag}__n{args.ensemble_size}__seed{args.seed}.pt"  # this fine-tuning run, for --resume
     try:
         validate_args(args)
         members = parse_members(args.members, args.ensemble_size)
+        if os.path.exists(state_path) and not args.resume:
+            raise ValueError(f"{state_path} exists: pass --resume to continue that run, or --exp-name to start another")
         data = load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
-    except (ValueError, DatasetError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     N = args.ensemble_size
     obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-    env_tag = args.env_id.replace("/", "-")
-    state_path = f"checkpoints/{args.exp_name}__{env_tag}__n{N}__seed{args.seed}.pt"  # the fine-tuning run, for --resume
-    saved_args = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
-
     resume = args.resume and os.path.exists(state_path)
-    if os.path.exists(state_path) and not args.resume:
-        raise SystemExit(f"error: {state_path} exists: pass --resume to continue that run, or --exp-name to start another")
     try:
         if resume:
-            state = load_checkpoint(state_path, device)
-            operational = ("resume", "cuda", "torch_deterministic", "total_timesteps", "eval_every", "eval_episodes", "auroc_every", "auroc_samples", "save_every")
-            differing = {k: (state["metadata"]["args"].get(k), v) for k, v in saved_args.items()
-                         if k not in operational and state["metadata"]["args"].get(k) != v}
-            if differing:
-                raise CheckpointError(f"{state_path} was run with other settings (saved, now): {differing}; use another --exp-name")
+            state = load_checkpoint(state_path)
+            check_same_settings(state["metadata"]["args"], run_metadata(args, data, args.hidden_sizes, "")["args"], state_path, ignore=(
+                "resume", "cuda", "torch_deterministic", "total_timesteps", "eval_every", "eval_episodes", "auroc_every", "auroc_samples", "save_every"))
             hidden_sizes = state["metadata"]["hidden_sizes"]
         elif args.from_scratch:
             pretrained, hidden_sizes = None, list(args.hidden_sizes)
@@ -979,7 +990,9 @@ if __name__ == "__main__":
             path = next((p for p in candidates if os.path.exists(p)), None)
             if args.checkpoint and path is None:
                 raise CheckpointError(f"--checkpoint {args.checkpoint} does not exist")
-            pretrained = load_checkpoint(path, device) if path else pretrain_cql(args, data, candidates[0], device)
+            if path is None and max(members) >= N:
+                raise CheckpointError(f"no checkpoint at {' or '.join(candidates)}, and members {members} are not among the {N} agents pretraining would make")
+            pretrained = load_checkpoint(path) if path else pretrain_cql(args, data, candidates[0], device)
             path = path or candidates[0]
             meta = pretrained["metadata"]
             check_checkpoint_matches(meta, {"dataset_id": data.dataset_id, "obs_dim": obs_dim, "action_dim": action_dim}, path)
@@ -996,6 +1009,7 @@ if __name__ == "__main__":
                             args.online_buffer_size, args.seed, device)
     density_ratio = DensityRatio(obs_dim, action_dim).to(device)
     density_ratio_optimizer = torch.optim.Adam(density_ratio.parameters(), lr=args.density_ratio_lr, fused=True)
+    analysis_rng = np.random.default_rng(args.seed + 1)  # the online transitions the AUROC uses
     start_epoch, run_name = 0, f"{env_tag}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if resume:
         agents.load_state_dict(state)
@@ -1003,12 +1017,12 @@ if __name__ == "__main__":
         density_ratio.load_state_dict(state["density_ratio"])
         density_ratio_optimizer.load_state_dict(state["density_ratio_optimizer"])
         start_epoch, run_name = state["epoch"], state["run_name"]
-        torch.set_rng_state(state["rng"]["torch"])
+        restore_rng_state(state["rng"])
+        analysis_rng.bit_generator.state = json.loads(state["analysis_rng"])
         print(f"Resuming {state_path} after epoch {start_epoch}")
     elif pretrained is not None:
         agents.load_pretrained(pretrained, members)
-    metadata = {"obs_dim": obs_dim, "action_dim": action_dim, "hidden_sizes": list(hidden_sizes), "ensemble_size": N,
-                "dataset_id": data.dataset_id, "env_id": data.env_spec.id, "critic_source": "off2on", "args": saved_args}
+    metadata = run_metadata(args, data, hidden_sizes, critic_source="off2on")
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -1018,7 +1032,6 @@ if __name__ == "__main__":
           f"N={N}, {args.finetune_loss} loss; normalized score uses {data.ref_source}; logs in runs/{run_name}")
     eval_envs = [gym.make(data.env_spec) for _ in range(args.eval_episodes)]
     env = gym.make(data.env_spec)
-    analysis_rng = np.random.default_rng(args.seed + 1)
 
     def log_evaluation(epoch):
         returns = evaluate(agents, eval_envs, args.seed + 10_000, device)
@@ -1074,14 +1087,14 @@ if __name__ == "__main__":
         if not all(math.isfinite(v) for v in means.values()):
             raise SystemExit(f"error: non-finite loss in epoch {epoch} ({means}); the last good state ({state_path}) is kept. "
                              f"Try lower learning rates, and --resume from it")
-        step = epoch * args.epoch_length
+        step, offline_fraction = epoch * args.epoch_length, offline_count / (n_updates * args.batch_size)
         for k, v in means.items():
             writer.add_scalar(f"charts/{k}" if k.startswith("w_") else f"losses/{k}", v, step)
-        writer.add_scalar("charts/offline_fraction", offline_count / (n_updates * args.batch_size), step)
+        writer.add_scalar("charts/offline_fraction", offline_fraction, step)
         sps = int(args.epoch_length / (time.time() - epoch_start))
         writer.add_scalar("charts/SPS", sps, step)
         line = (f"epoch {epoch}/{n_epochs} | qf {means['qf_loss']:.3f} | actor {means['actor_loss']:.3f} | alpha {means['alpha']:.3f} | "
-                f"offline fraction {offline_count / (n_updates * args.batch_size):.2f}")
+                f"offline fraction {offline_fraction:.2f}")
         if args.replay == "balanced":
             line += f" | w online {means['w_online_mean']:.2f} offline {means['w_offline_mean']:.2f}"
         print(line + f" | {sps} SPS", flush=True)
@@ -1096,6 +1109,7 @@ if __name__ == "__main__":
             save_checkpoint(state_path, {
                 "format_version": CHECKPOINT_FORMAT, "metadata": metadata, **agents.state_dict(), "epoch": epoch, "run_name": run_name,
                 "replay": replay.state_dict(), "density_ratio": density_ratio.state_dict(),
-                "density_ratio_optimizer": density_ratio_optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                "density_ratio_optimizer": density_ratio_optimizer.state_dict(), "rng": rng_state(),
+                "analysis_rng": json.dumps(analysis_rng.bit_generator.state)})
     writer.close()
     print(f"Wrote {state_path}")

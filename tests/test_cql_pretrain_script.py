@@ -78,7 +78,7 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(workdir):
 
 
 @pytest.mark.parametrize("change, named", [(["--hidden-sizes", "64", "64"], "hidden_sizes"), (["--ensemble-size", "3"], "ensemble_size"),
-                                           (["--env-id", "hopper-random-v2"], "dataset_id")])
+                                           (["--env-id", "hopper-random-v2"], "dataset_id"), (["--cql-alpha", "10"], "cql_alpha")])
 def test_mismatched_checkpoint_fails_clearly(workdir, change, named):
     if not (workdir / "base.pt").exists():
         assert run(workdir, "--total-steps", "5", "--checkpoint-path", "base.pt").returncode == 0

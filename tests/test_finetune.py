@@ -355,12 +355,13 @@ def test_load_pretrained_takes_the_chosen_members(f64, members):
     assert_close(agents.qf(obs.expand(N, -1, -1), actions.expand(N, -1, -1)), cql_q[members], atol=1e-12)
     # alpha restarts at 1, optimizers are fresh and still drive the loaded parameters
     assert agents.log_alpha.shape == () and agents.log_alpha.item() == 0.0
-    for name, opt in agents.optimizers.items():
+    optimizers = {name: getattr(agents, name) for name in ("actor_optimizer", "qf_optimizer", "alpha_optimizer")}
+    for name, opt in optimizers.items():
         assert not opt.state, f"{name} is not fresh"
-    assert all(p is q for p, q in zip(agents.optimizers["actor_optimizer"].param_groups[0]["params"], agents.actor.parameters()))
-    assert all(p is q for p, q in zip(agents.optimizers["qf_optimizer"].param_groups[0]["params"], agents.qf.parameters()))
-    assert agents.optimizers["alpha_optimizer"].param_groups[0]["params"][0] is agents.log_alpha
-    assert all(g["lr"] == 3e-4 for opt in agents.optimizers.values() for g in opt.param_groups)
+    assert all(p is q for p, q in zip(agents.actor_optimizer.param_groups[0]["params"], agents.actor.parameters()))
+    assert all(p is q for p, q in zip(agents.qf_optimizer.param_groups[0]["params"], agents.qf.parameters()))
+    assert agents.alpha_optimizer.param_groups[0]["params"][0] is agents.log_alpha
+    assert all(g["lr"] == 3e-4 for opt in optimizers.values() for g in opt.param_groups)
 
 
 # ---------------------------------------------------------------------------------------

@@ -626,3 +626,24 @@ def test_auroc_extremes():
     assert all(abs(v - 0.5) < 0.03 for v in values)
     # float32 scores (as q_discrimination passes them)
     assert ft.auroc(pos.astype(np.float32), neg.astype(np.float32)) == 1.0
+
+
+def test_priority_stays_finite_when_every_offline_w_is_zero():
+    # the ReLU output can be exactly 0 on a whole offline batch: priorities must not become 0/0
+    w = torch.tensor([0.0, 0.3, 0.0])
+    p = ft.priority(w, torch.zeros(256), temperature=5.0)
+    assert torch.isfinite(p).all()
+    assert p.tolist() == pytest.approx([1e-3, 1e3, 1e-3])
+
+
+def test_non_finite_priorities_are_refused():
+    rng = np.random.default_rng(0)
+    n = 50
+    data = ft.OfflineData(rng.standard_normal((n, 17), dtype=np.float32), rng.uniform(-1, 1, (n, 6)).astype(np.float32),
+                          np.zeros(n, np.float32), rng.standard_normal((n, 17), dtype=np.float32), np.zeros(n, np.float32),
+                          gymnasium.spec("HalfCheetah-v5"), "test", None, "none")
+    replay = ft.BalancedReplay(data, 10)
+    total = replay.tree.total
+    with pytest.raises(ValueError, match="non-finite priorities"):
+        replay.update_priorities(np.array([0, 1]), np.array([1.0, np.nan]))
+    assert replay.tree.total == total
