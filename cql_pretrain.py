@@ -481,22 +481,26 @@ class CQLEnsemble:
         mean, log_std = self.actor(obs)
 
         qf_loss, logs = self.critic_loss(obs, actions, rewards, next_obs, terminations, mean.detach(), log_std.detach(), noise)
+        self.step_critics(qf_loss)
+        self.qf.requires_grad_(False)  # the actor loss only trains the actor
+        actor_loss, alpha_loss, actor_logs = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
+        self.qf.requires_grad_(True)
+        self.step_actors_and_targets(actor_loss, alpha_loss)
+        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
+
+    def step_critics(self, qf_loss):
         self.qf_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.qf_optimizer.step()
 
-        self.qf.requires_grad_(False)  # the actor loss only trains the actor
-        actor_loss, alpha_loss, actor_logs = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
-        self.qf.requires_grad_(True)
+    def step_actors_and_targets(self, actor_loss, alpha_loss):
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.alpha_optimizer.zero_grad(set_to_none=True)
         (actor_loss + alpha_loss).backward()  # disjoint parameters: one backward for both
         self.actor_optimizer.step()
         self.alpha_optimizer.step()
-
         with torch.no_grad():
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
-        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
     def state_dict(self) -> dict:
         return {

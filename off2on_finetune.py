@@ -516,22 +516,26 @@ class CQLEnsemble:
         mean, log_std = self.actor(obs)
 
         qf_loss, logs = self.critic_loss(obs, actions, rewards, next_obs, terminations, mean.detach(), log_std.detach(), noise)
+        self.step_critics(qf_loss)
+        self.qf.requires_grad_(False)  # the actor loss only trains the actor
+        actor_loss, alpha_loss, actor_logs = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
+        self.qf.requires_grad_(True)
+        self.step_actors_and_targets(actor_loss, alpha_loss)
+        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
+
+    def step_critics(self, qf_loss):
         self.qf_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.qf_optimizer.step()
 
-        self.qf.requires_grad_(False)  # the actor loss only trains the actor
-        actor_loss, alpha_loss, actor_logs = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
-        self.qf.requires_grad_(True)
+    def step_actors_and_targets(self, actor_loss, alpha_loss):
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.alpha_optimizer.zero_grad(set_to_none=True)
         (actor_loss + alpha_loss).backward()  # disjoint parameters: one backward for both
         self.actor_optimizer.step()
         self.alpha_optimizer.step()
-
         with torch.no_grad():
             torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
-        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
     def state_dict(self) -> dict:
         return {
@@ -575,8 +579,9 @@ class Off2OnEnsemble:
         self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=q_lr, fused=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=alpha_lr, fused=True)
 
-    # the same fields as a CQL ensemble's: networks, log_alpha, the three optimizers
+    # the same fields as a CQL ensemble's (networks, log_alpha, the three optimizers), stepped the same way
     state_dict, load_state_dict = CQLEnsemble.state_dict, CQLEnsemble.load_state_dict
+    step_critics, step_actors_and_targets = CQLEnsemble.step_critics, CQLEnsemble.step_actors_and_targets
 
     def load_pretrained(self, checkpoint: dict, members: list[int]):
         """Take the chosen members' actors and critics from a pretrained checkpoint (section 5);
@@ -642,18 +647,9 @@ class Off2OnEnsemble:
         """One gradient step on a batch [B, ...] shared by all members: critics, then actors and alpha."""
         noise = self.draw_noise(batch[0].shape[0]) if noise is None else noise
         qf_loss, logs = self.critic_loss(*batch, noise)
-        self.qf_optimizer.zero_grad(set_to_none=True)
-        qf_loss.backward()
-        self.qf_optimizer.step()
-
+        self.step_critics(qf_loss)
         actor_loss, alpha_loss, actor_logs = self.actor_loss(batch[0], noise)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        (actor_loss + alpha_loss).backward()  # disjoint parameters: one backward for both
-        self.actor_optimizer.step()
-        self.alpha_optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
+        self.step_actors_and_targets(actor_loss, alpha_loss)
         return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
 

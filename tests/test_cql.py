@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
+from conftest import member_mlp
 import torch
 import torch.nn as nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
@@ -37,34 +38,6 @@ LOG2PI = math.log(2 * math.pi)
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-@pytest.fixture
-def f64():
-    """float64 default dtype for the test, restored afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def member_mlp(seq: nn.Sequential, i: int) -> nn.Sequential:
-    """Member i of a vectorized MLP as a plain nn.Sequential of nn.Linear / nn.ReLU."""
-    layers = []
-    for m in seq:
-        if isinstance(m, VectorizedLinear):
-            n_in, n_out = m.weight.shape[1:]
-            lin = nn.Linear(n_in, n_out, dtype=m.weight.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(m.weight[i].T)
-                lin.bias.copy_(m.bias[i, 0])
-            layers.append(lin)
-        elif isinstance(m, nn.ReLU):
-            layers.append(nn.ReLU())
-        else:
-            raise AssertionError(f"unexpected layer {m}")
-    return nn.Sequential(*layers)
-
-
 def exact_log1m_tanh2(u: torch.Tensor) -> torch.Tensor:
     """log(1 - tanh(u)^2) written independently of the code's formula: log 4 - 2|u| - 2 log(1 + e^{-2|u|})."""
     a = u.abs()

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import member_mlp
 import torch
 import torch.nn as nn
 from torch.distributions import Normal
@@ -36,33 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def member_mlp(seq: nn.Sequential, i: int) -> nn.Sequential:
-    """Member i of a vectorized MLP as a plain nn.Sequential of nn.Linear / nn.ReLU (copied weights)."""
-    layers = []
-    for m in seq:
-        if isinstance(m, VectorizedLinear):
-            n_in, n_out = m.weight.shape[1:]
-            lin = nn.Linear(n_in, n_out, dtype=m.weight.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(m.weight[i].T)
-                lin.bias.copy_(m.bias[i, 0])
-            layers.append(lin)
-        elif isinstance(m, nn.ReLU):
-            layers.append(nn.ReLU())
-        else:
-            raise AssertionError(f"unexpected layer {m}")
-    return nn.Sequential(*layers)
-
-
 def assert_close(a, b, atol, rtol=0.0, msg=""):
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     assert a.shape == b.shape, f"{msg}: shape {tuple(a.shape)} != {tuple(b.shape)}"
