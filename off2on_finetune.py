@@ -952,6 +952,10 @@ def validate_args(args: Args):
         raise ValueError(f"--init-online-fraction must be in (0, 1), got {args.init_online_fraction}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.replay != "balanced" and args.ratio_target != "offline":
+        raise ValueError(f"--ratio-target {args.ratio_target} needs --replay balanced (no density ratio is learned with --replay {args.replay})")
+    if args.from_scratch and (args.checkpoint or args.members):
+        raise ValueError("--from-scratch starts from random networks: drop --checkpoint and --members")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ generated dataset (logs, checkpoints, resume, errors).
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import torch.nn as nn
 from torch.distributions import Normal
 
 from off2on_finetune import (
+    Args,
     LOG_STD_MAX,
     LOG_STD_MIN,
     BalancedReplay,
@@ -29,6 +31,7 @@ from off2on_finetune import (
     ensemble_gaussian,
     parse_members,
     q_discrimination,
+    validate_args,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -672,3 +675,19 @@ def test_missing_dataset_fails_in_one_line(e2e):
 def test_total_timesteps_must_be_a_multiple_of_epoch_length(e2e):
     check_error(e2e["bad_total"], "--total-timesteps 300", "--epoch-length 200")
 
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(replay="uniform", ratio_target="replay"), "--ratio-target replay needs --replay balanced"),
+    (dict(from_scratch=True, checkpoint="x.pt"), "--from-scratch starts from random networks"),
+    (dict(from_scratch=True, members="0"), "--from-scratch starts from random networks"),
+    (dict(total_timesteps=1500), "multiple of --epoch-length"),
+    (dict(init_online_fraction=1.0), "--init-online-fraction"),
+])
+def test_contradictory_flags_are_refused_early(flags, message):
+    import dataclasses
+
+    args = dataclasses.replace(Args(), **flags)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_args(args)
+    validate_args(Args())  # the defaults are valid
