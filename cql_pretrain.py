@@ -338,7 +338,7 @@ class Critic(nn.Module):
         x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
         if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
             # Tall inputs (the CQL term: 31 actions a state) go one agent at a time on CPU: batched,
-            # the activations (80 MB for N=5) overflow the cache, and it ran 1.4x slower (README, Speed).
+            # the activations (80 MB for N=5) overflow the cache, and it ran 1.3x slower (README, Speed).
             q = torch.cat([self.member_forward(x[2 * i : 2 * i + 2], slice(2 * i, 2 * i + 2)) for i in range(self.ensemble_size)])
         else:
             q = self.net(x)
@@ -632,7 +632,7 @@ if __name__ == "__main__":
             checkpoint = load_checkpoint(checkpoint_path)
             check_checkpoint_matches(checkpoint["metadata"], {k: metadata[k] for k in ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, checkpoint_path)
             check_same_settings(checkpoint["metadata"]["args"], metadata["args"], checkpoint_path,
-                                ignore=("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every", "eval_episodes", "save_every", "exp_name"))
+                                ignore=("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every", "eval_episodes", "save_every", "exp_name", "checkpoint_path"))
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
         agents.load_state_dict(checkpoint)

@@ -369,7 +369,7 @@ class Critic(nn.Module):
         x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
         if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
             # Tall inputs (the CQL term: 31 actions a state) go one agent at a time on CPU: batched,
-            # the activations (80 MB for N=5) overflow the cache, and it ran 1.4x slower (README, Speed).
+            # the activations (80 MB for N=5) overflow the cache, and it ran 1.3x slower (README, Speed).
             q = torch.cat([self.member_forward(x[2 * i : 2 * i + 2], slice(2 * i, 2 * i + 2)) for i in range(self.ensemble_size)])
         else:
             q = self.net(x)
