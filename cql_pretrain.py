@@ -311,7 +311,9 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x, members=slice(None)):
+    def forward(self, x, members: Optional[slice] = None):
+        if members is None:  # all members: no indexing, whose backward would zero-fill and copy each gradient
+            return torch.baddbmm(self.bias, x, self.weight)
         return torch.baddbmm(self.bias[members], x, self.weight[members])
 
 
