@@ -1,0 +1,600 @@
+"""Fitted Q Evaluation of pretrained CQL actors: the non-pessimistic critic of paper section 3.
+
+    python fqe_baseline.py --env-id halfcheetah-medium-expert-v2 --checkpoint checkpoints/cql__...pt
+
+For each member of a CQL checkpoint (written by `cql_pretrain.py`), keep its actor pi_i and fit two
+fresh critics from random initialization by policy evaluation on the offline data (SPEC section 9):
+
+    y_i = r + gamma (1 - d) (min_k Qtarget_ik(s', a') - alpha_i log pi_i(a'|s')),   a' ~ pi_i(.|s'),
+
+with alpha_i fixed at the member's value in the checkpoint. There is no CQL term, so the result is
+SAC's soft Q-function of the *same* actors without pessimism: the critics of Figure 1c and of
+Figure 13's "FQE-init". The output is a checkpoint in the format of SPEC section 5 (actors and
+alpha unchanged, critics and targets replaced, `critic_source: fqe`), so that
+
+    python off2on_finetune.py --env-id ... --checkpoint checkpoints/cql__...__fqe.pt
+
+runs the non-pessimistic comparison. Logged: the FQE loss; the mean Q on dataset actions and on
+uniform-random actions for the CQL and the FQE critics (CQL ranks random actions far below the
+data's, FQE need not); and a Monte-Carlo check of FQE's Q at start states against the discounted
+(soft) return of each actor's own rollouts.
+"""
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+@dataclass
+class Args:
+    checkpoint: str = ""
+    """the CQL checkpoint whose actors are evaluated (required)"""
+    env_id: Optional[str] = None
+    """dataset to fit on, named as in cql_pretrain.py [default: the checkpoint's]"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format .hdf5 file to fit on instead of a Minari dataset [default: the checkpoint's]"""
+    random_dataset_size: Optional[int] = None
+    """transitions in the locally generated uniform-random dataset (`*-random-v2`) [default: the checkpoint's]"""
+    total_steps: int = 250_000
+    """gradient steps"""
+    batch_size: int = 256
+    """minibatch size per member (each member draws its own)"""
+    lr: float = 3e-4
+    """critic learning rate (Adam); the paper's value was lost from its text (SPEC section 9)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network soft-update rate"""
+    seed: int = 1
+    """seed of the run"""
+    log_every: int = 1_000
+    """steps between loss / Q logs and progress lines"""
+    eval_every: int = 25_000
+    """steps between Monte-Carlo checks of Q at start states"""
+    mc_episodes: int = 5
+    """rollouts per member in each Monte-Carlo check"""
+    save_every: int = 25_000
+    """steps between saves of the unfinished run to `{output_path}.partial` (rerunning continues it)"""
+    output_path: Optional[str] = None
+    """where to write the result [default: next to the input, `{checkpoint without .pt}__fqe.pt`]"""
+    cuda: bool = torch.cuda.is_available()
+    """use CUDA"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic`"""
+    exp_name: str = "fqe"
+    """name of the experiment, part of the run name"""
+
+
+# ---------------------------------------------------------------------------------------
+# Data: D4RL-style names -> Minari datasets (or a D4RL hdf5 file) -> flat transitions
+# ---------------------------------------------------------------------------------------
+D4RL_NAME = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$")
+GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+# D4RL's random / expert returns of the -v2 datasets (SPEC section 6)
+D4RL_REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
+CHECKPOINT_FORMAT = 1
+
+
+class DatasetError(ValueError):
+    """A dataset that can't be found or read; the message says how to provide it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match this run; the message names both sides."""
+
+
+@dataclass
+class OfflineData:
+    observations: np.ndarray  # [M, obs_dim] float32
+    actions: np.ndarray  # [M, act_dim] float32, scaled to [-1, 1]
+    rewards: np.ndarray  # [M] float32
+    next_observations: np.ndarray  # [M, obs_dim] float32
+    terminations: np.ndarray  # [M] float32: 1 only on a true termination, never on a time limit
+    env_spec: gym.envs.registration.EnvSpec  # the environment to evaluate in
+    dataset_id: str
+    ref_returns: Optional[tuple[float, float]]  # (random, expert) returns for the normalized score
+    ref_source: str  # where ref_returns came from
+
+    def __len__(self):
+        return len(self.rewards)
+
+
+def episodes_to_transitions(episodes) -> dict:
+    """Minari episodes (T+1 observations, T actions) -> flat (s, a, r, s', d); none crosses an episode."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminations")}
+    for ep in episodes:
+        if not isinstance(ep.observations, np.ndarray):
+            raise DatasetError("only flat (Box) observations are supported, this dataset has dict or tuple observations")
+        parts["observations"].append(ep.observations[:-1])
+        parts["next_observations"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions)
+        parts["rewards"].append(ep.rewards)
+        parts["terminations"].append(ep.terminations)
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def load_d4rl_hdf5(path: str) -> dict:
+    """A D4RL-format file -> flat transitions. Without `next_observations`, s' is the next row,
+    so the last step of an episode cut by a time limit (its s' is unknown) is dropped."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"--dataset-path {path} does not exist")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+        if missing:
+            raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
+        d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        if "next_observations" in f:
+            next_obs, keep = f["next_observations"][()], np.ones(len(d["rewards"]), bool)
+        else:
+            next_obs = np.concatenate([d["observations"][1:], d["observations"][-1:]])
+            keep = ~d["timeouts"].astype(bool)
+            keep[-1] = False
+    return {
+        "observations": d["observations"][keep].astype(np.float32),
+        "actions": d["actions"][keep].astype(np.float32),
+        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
+        "next_observations": next_obs[keep].astype(np.float32),
+        "terminations": d["terminals"][keep].astype(np.float32).reshape(-1),
+    }
+
+
+def load_minari_dataset(dataset_id: str):
+    """A local Minari dataset, downloaded first if missing; a clear error where that fails."""
+    import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except ValueError as e:
+        raise DatasetError(f"'{dataset_id}' is not a valid Minari dataset id ({e})") from None
+    print(f"Minari dataset {dataset_id} is not local: downloading it ...", flush=True)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:
+        root = get_dataset_path()
+        raise DatasetError(
+            f"Minari dataset '{dataset_id}' is not in {root} and could not be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet: `minari download {dataset_id}`. "
+            f"Without: copy the dataset folder from a machine that has it into {root} (or point MINARI_DATASETS_PATH at it), "
+            f"or pass --dataset-path to a D4RL-format .hdf5 file."
+        ) from None
+
+
+def make_random_dataset(env_name: str, size: int, seed: int = 0):
+    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
+    Minari dataset, so it is made once. (D4RL's random-v2 files can't be downloaded here.)"""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    dataset_id = f"off2on/{env_name}/random-n{size}-v0"
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a generation interrupted while writing: make it again
+        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
+        minari.delete_dataset(dataset_id)
+    env = gym.make(GYM_IDS[env_name])
+    env.action_space.seed(seed)
+    buffers, steps, episode = [], 0, 0
+    t0 = time.time()
+    print(f"Generating {dataset_id}: {size:,} uniform-random steps in {GYM_IDS[env_name]} ...", flush=True)
+    while steps < size:
+        obs, _ = env.reset(seed=seed + episode)
+        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            steps += 1
+            truncated = truncated or steps == size
+            for k, v in zip(("observations", "actions", "rewards", "terminations", "truncations"), (obs, action, reward, terminated, truncated)):
+                ep[k].append(v)
+            done = terminated or truncated
+            if steps % 100_000 == 0:
+                print(f"  {steps:,}/{size:,} steps ({steps / (time.time() - t0):,.0f} steps/s)", flush=True)
+        buffers.append(EpisodeBuffer(id=episode, **{k: np.asarray(v) for k, v in ep.items()}))
+        episode += 1
+    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
+        dataset_id, buffers, env=env.spec, eval_env=env.spec, algorithm_name="uniform-random policy",
+        author="off2on", author_email="none", code_permalink="cql_pretrain.py",
+        description=f"{size} steps of a uniform-random policy in {GYM_IDS[env_name]} (stands in for D4RL's {env_name}-random-v2)",
+    )
+
+
+def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_dataset_size: int = 1_000_000) -> OfflineData:
+    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score references."""
+    name = D4RL_NAME.match(env_id)
+    env_name = name.group(1) if name else None
+    if dataset_path is not None:  # --env-id only names the environment
+        if env_name is None:
+            try:
+                env_spec = gym.spec(env_id)
+            except gym.error.Error:
+                raise DatasetError(f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id") from None
+            env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+        else:
+            env_spec = gym.spec(GYM_IDS[env_name])
+        transitions, dataset_id, minari_refs = load_d4rl_hdf5(dataset_path), os.path.abspath(dataset_path), None
+    elif name:
+        kind = name.group(2)
+        if kind == "medium-replay":
+            raise DatasetError(
+                f"{env_id} has no Minari equivalent: download D4RL's {env_name}_medium_replay-v2.hdf5 "
+                f"and pass it with --dataset-path (and --env-id {env_id})"
+            )
+        if kind == "random":
+            datasets = [make_random_dataset(env_name, random_dataset_size)]
+        else:  # medium-expert is medium and expert concatenated, as D4RL built it
+            datasets = [load_minari_dataset(f"mujoco/{env_name}/{k}-v0") for k in kind.split("-")]
+        transitions = episodes_to_transitions(ep for ds in datasets for ep in ds.iterate_episodes())
+        env_spec, dataset_id, minari_refs = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name]), env_id, datasets[0]
+    elif "/" in env_id:
+        ds = load_minari_dataset(env_id)
+        if ds.spec.env_spec is None:
+            raise DatasetError(f"Minari dataset {env_id} records no environment to evaluate in")
+        env_spec, dataset_id, minari_refs = ds.spec.env_spec, env_id, ds
+        env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+        transitions = episodes_to_transitions(ds.iterate_episodes())
+    else:
+        raise DatasetError(
+            f"unknown --env-id '{env_id}': expected `{{halfcheetah,hopper,walker2d}}-{{random,medium,expert,medium-expert}}-v2`, "
+            f"a Minari dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id together with --dataset-path FILE.hdf5"
+        )
+
+    meta = minari_refs.storage.metadata if minari_refs is not None else {}
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        ref_returns, ref_source = (float(meta["ref_min_score"]), float(meta["ref_max_score"])), "the Minari dataset's ref_min_score/ref_max_score"
+    elif env_name is not None:
+        ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
+    else:
+        ref_returns, ref_source = None, "none (no reference returns for this environment)"
+
+    action_space = gym.make(env_spec).action_space
+    if transitions["actions"].shape[1:] != action_space.shape:
+        raise DatasetError(f"dataset actions have shape {transitions['actions'].shape[1:]}, env {env_spec.id} expects {action_space.shape}")
+    transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
+    for key, value in transitions.items():
+        if not np.isfinite(value).all():
+            raise DatasetError(f"dataset {dataset_id} has non-finite values in {key}")
+    return OfflineData(**transitions, env_spec=env_spec, dataset_id=dataset_id, ref_returns=ref_returns, ref_source=ref_source)
+
+
+def scale_to_unit(actions, action_space):
+    """Env action bounds -> [-1, 1] (identity for the MuJoCo locomotion envs)."""
+    low, high = action_space.low, action_space.high
+    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+
+
+def scale_to_env(actions, action_space):
+    """[-1, 1] -> env action bounds."""
+    low, high = action_space.low, action_space.high
+    return low + (actions + 1) * (high - low) / 2
+
+
+def normalized_score(returns, ref_returns):
+    """D4RL-normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
+
+
+# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
+# Networks: every layer holds the weights of all members (SPEC section 0)
+# ---------------------------------------------------------------------------------------
+class VectorizedLinear(nn.Module):
+    """N independent linear layers in one: x [N, B, in] -> x @ W + b, W [N, in, out], b [N, 1, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialization, for each member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) -> nn.Sequential:
+    sizes = [in_dim, *hidden_sizes]
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [VectorizedLinear(n_in, n_out, ensemble_size), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
+
+
+class Critic(nn.Module):
+    """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
+    critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.ensemble_size = ensemble_size
+        self.net = vectorized_mlp(obs_dim + action_dim, hidden_sizes, 1, 2 * ensemble_size)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
+        return self.net(x).view(self.ensemble_size, 2, -1)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the pre-tanh
+    Gaussian. The last layer is the mean head and the log-std head side by side."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * action_dim, ensemble_size)
+
+    def forward(self, obs):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def tanh_gaussian_log_prob(mean, log_std, u):
+    """log pi(tanh(u) | s) for a pre-tanh sample u: Gaussian log-density minus log|d tanh(u)/du|,
+    the latter as 2 (log 2 - u - softplus(-2u)) for stability; summed over action dims."""
+    gaussian = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det_tanh = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (gaussian - log_det_tanh).sum(-1)
+
+
+def tanh_gaussian_sample(mean, log_std, eps):
+    """Reparameterized a = tanh(mean + std * eps) and its log-probability."""
+    u = mean + log_std.exp() * eps
+    return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
+
+
+# ---------------------------------------------------------------------------------------
+# Fitted Q Evaluation of N fixed actors (SPEC section 9)
+# ---------------------------------------------------------------------------------------
+class FQE:
+    """Fresh critics fitted to the soft Q-function of each member's fixed actor. The loss is
+    summed over members, so each member's gradient (and Adam update) is exactly its own."""
+
+    def __init__(self, actor: Actor, log_alpha, obs_dim, action_dim, hidden_sizes, ensemble_size, gamma=0.99, tau=0.005, lr=3e-4, device="cpu"):
+        self.actor, self.ensemble_size, self.action_dim, self.gamma, self.tau = actor.requires_grad_(False), ensemble_size, action_dim, gamma, tau
+        self.alpha = log_alpha.exp().to(device)  # [N], fixed
+        self.qf = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf_target = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.qf_target.requires_grad_(False)
+        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=lr)
+
+    def loss(self, obs, actions, rewards, next_obs, terminations, noise):
+        """Mean squared Bellman error of both critics of every member against its own target y_i.
+        Inputs [N, B, ...]; noise [N, B, act_dim] draws a' ~ pi_i(.|s')."""
+        with torch.no_grad():
+            next_actions, next_log_pi = tanh_gaussian_sample(*self.actor(next_obs), noise)
+            next_q = self.qf_target(next_obs, next_actions).min(1).values - self.alpha[:, None] * next_log_pi  # [N, B]
+            target = rewards + self.gamma * (1 - terminations) * next_q
+        q = self.qf(obs, actions)  # [N, 2, B]
+        bellman_loss = ((q - target[:, None]) ** 2).mean(-1)  # [N, 2]
+        return bellman_loss.sum(), {"fqe_loss": bellman_loss.mean(), "q_data": q.mean()}
+
+    def update(self, batch) -> dict:
+        """One gradient step of every member's critics, then the soft target update."""
+        obs = batch[0]
+        loss, logs = self.loss(*batch, torch.randn(*obs.shape[:2], self.action_dim, device=obs.device))
+        self.qf_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.qf_optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
+        return {k: v.detach() for k, v in logs.items()}
+
+
+@torch.no_grad()
+def q_data_and_random(qf: Critic, obs, actions) -> tuple[float, float]:
+    """Mean over members and critics of Q(s, a_data) and of Q(s, a ~ U[-1, 1]): how a critic
+    ranks actions the data never took."""
+    random_actions = torch.rand_like(actions) * 2 - 1
+    return qf(obs, actions).mean().item(), qf(obs, random_actions).mean().item()
+
+
+@torch.no_grad()
+def monte_carlo_check(actor: Actor, critics: dict, alpha, envs: list, gamma: float, seed: int, device) -> dict:
+    """Roll out each member's stochastic policy from the env's start states (E envs per member,
+    all in lockstep) and compare min_k Q_ik(s_0, a_0) with the discounted soft return that Q
+    estimates, G_0 = sum_t gamma^t r_t - alpha_i sum_{t>=1} gamma^t log pi_i(a_t|s_t).
+    `critics` maps a name to a Critic. Returns per-member means: {"mc_return": [N], name: [N]}."""
+    N, E = alpha.shape[0], len(envs) // alpha.shape[0]
+    obs = np.stack([env.reset(seed=seed + j % E)[0] for j, env in enumerate(envs)])
+    returns, discount, active = np.zeros(len(envs)), np.ones(len(envs)), np.ones(len(envs), bool)
+    alphas, action_space, q_start = alpha.cpu().numpy().repeat(E), envs[0].action_space, {}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    while active.any():
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(N, E, -1)
+        mean, log_std = actor(x)
+        actions, log_pi = tanh_gaussian_sample(mean, log_std, torch.randn(mean.shape, device=device, generator=generator))
+        if not q_start:  # t = 0
+            q_start = {name: qf(x, actions).min(1).values.mean(1).cpu().numpy() for name, qf in critics.items()}
+        else:
+            returns -= active * discount * alphas * log_pi.flatten().cpu().numpy()
+        actions = actions.flatten(0, 1).cpu().numpy()
+        for j in np.flatnonzero(active):
+            obs[j], reward, terminated, truncated, _ = envs[j].step(scale_to_env(actions[j], action_space))
+            returns[j] += discount[j] * reward
+            active[j] = not (terminated or truncated)
+        discount *= gamma
+    return {"mc_return": returns.reshape(N, E).mean(1), **q_start}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints (SPEC section 5)
+# ---------------------------------------------------------------------------------------
+def save_checkpoint(path: str, checkpoint: dict):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read on the CPU; load_state_dict moves tensors to the device."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+def check_checkpoint_matches(metadata: dict, expected: dict, path: str):
+    """Fail with both values named when a checkpoint was made for another env, dataset or network."""
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise CheckpointError(f"checkpoint {path} has {key}={metadata.get(key)!r}, but this run has {key}={value!r}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def restore_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def default_output_path(checkpoint: str) -> str:
+    return f"{checkpoint[:-3] if checkpoint.endswith('.pt') else checkpoint}__fqe.pt"
+
+
+def validate_args(args: Args):
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required: the CQL checkpoint (from cql_pretrain.py) whose actors FQE evaluates")
+    for name in ("total_steps", "batch_size", "log_every", "eval_every", "mc_episodes", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def dataset_of(args: Args, metadata: dict) -> tuple[str, Optional[str], int]:
+    """--env-id / --dataset-path / --random-dataset-size, each defaulting to the checkpoint's own."""
+    saved = metadata.get("args", {})
+    if args.env_id is None and "env_id" not in saved:
+        raise CheckpointError(f"{args.checkpoint} records no dataset: pass --env-id (and --dataset-path if it was a file)")
+    env_id = args.env_id or saved["env_id"]
+    dataset_path = args.dataset_path if args.dataset_path or args.env_id else saved.get("dataset_path")
+    return env_id, dataset_path, args.random_dataset_size or saved.get("random_dataset_size") or 1_000_000
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        validate_args(args)
+        output_path = args.output_path or default_output_path(args.checkpoint)
+        partial_path = f"{output_path}.partial"
+        if os.path.exists(output_path):
+            raise ValueError(f"{output_path} exists: delete it, or pass --output-path to write elsewhere")
+        cql = load_checkpoint(args.checkpoint)
+        meta = cql["metadata"]
+        data = load_offline_data(*dataset_of(args, meta))
+        obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
+        check_checkpoint_matches(meta, {"env_id": data.env_spec.id, "obs_dim": obs_dim, "action_dim": action_dim}, args.checkpoint)
+    except ValueError as e:  # DatasetError and CheckpointError included
+        raise SystemExit(f"error: {e}")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    N, hidden_sizes = meta["ensemble_size"], meta["hidden_sizes"]
+    actor = Actor(obs_dim, action_dim, hidden_sizes, N).to(device)
+    actor.load_state_dict(cql["actor"])
+    cql_qf = Critic(obs_dim, action_dim, hidden_sizes, N).to(device).requires_grad_(False)
+    cql_qf.load_state_dict(cql["qf"])
+    fqe = FQE(actor, cql["log_alpha"], obs_dim, action_dim, hidden_sizes, N, args.gamma, args.tau, args.lr, device)
+    # the output: the CQL checkpoint with its critics replaced (SPEC section 5)
+    metadata = {**meta, "dataset_id": data.dataset_id, "critic_source": "fqe",
+                "fqe_args": {k: v for k, v in asdict(args).items()}}
+
+    start_step, run_name = 0, f"{data.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if os.path.exists(partial_path):
+        try:
+            state = load_checkpoint(partial_path)
+            check_checkpoint_matches(state["metadata"], {k: metadata[k] for k in ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, partial_path)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}")
+        fqe.qf.load_state_dict(state["qf"])
+        fqe.qf_target.load_state_dict(state["qf_target"])
+        fqe.qf_optimizer.load_state_dict(state["qf_optimizer"])
+        start_step, run_name = state["global_step"], state["run_name"]
+        restore_rng_state(state["rng"])
+        print(f"Continuing {partial_path} at step {start_step:,}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"FQE of the {N} actors of {args.checkpoint} on {data.dataset_id} ({len(data):,} transitions, env {data.env_spec.id}), "
+          f"alpha fixed at {np.array2string(fqe.alpha.cpu().numpy(), precision=4)}; {device}; logs in runs/{run_name}")
+    dataset = [torch.as_tensor(x, device=device) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminations)]
+    mc_envs = [gym.make(data.env_spec) for _ in range(N * args.mc_episodes)]
+
+    def save(path, step):
+        save_checkpoint(path, {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, "actor": cql["actor"], "log_alpha": cql["log_alpha"],
+                               "qf": fqe.qf.state_dict(), "qf_target": fqe.qf_target.state_dict(), "qf_optimizer": fqe.qf_optimizer.state_dict(),
+                               "global_step": step, "run_name": run_name, "rng": rng_state()})
+
+    start_time, last_step = time.time(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        idx = torch.randint(len(data), (N, args.batch_size), device=device)  # each member its own minibatch
+        batch = [x[idx] for x in dataset]
+        logs = fqe.update(batch)
+
+        last = step == args.total_steps
+        if step % args.log_every == 0 or last:
+            logs = {k: v.item() for k, v in logs.items()}
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise SystemExit(f"error: non-finite FQE loss at step {step} ({logs}); progress up to the last save is in {partial_path}. "
+                                 f"Try a lower --lr")
+            (fqe_data, fqe_random), (cql_data, cql_random) = (q_data_and_random(qf, batch[0], batch[1]) for qf in (fqe.qf, cql_qf))
+            sps = int((step - last_step) / (time.time() - start_time))
+            start_time, last_step = time.time(), step
+            for tag, value in {"losses/fqe_loss": logs["fqe_loss"], "charts/fqe_q_data": fqe_data, "charts/fqe_q_random": fqe_random,
+                               "charts/cql_q_data": cql_data, "charts/cql_q_random": cql_random, "charts/SPS": sps}.items():
+                writer.add_scalar(tag, value, step)
+            print(f"step {step:,}/{args.total_steps:,} | fqe loss {logs['fqe_loss']:.4f} | Q data/random: FQE {fqe_data:.2f}/{fqe_random:.2f}, "
+                  f"CQL {cql_data:.2f}/{cql_random:.2f} | {sps} SPS", flush=True)
+
+        if step % args.eval_every == 0 or last:
+            eval_start = time.time()
+            mc = monte_carlo_check(actor, {"fqe": fqe.qf, "cql": cql_qf}, fqe.alpha, mc_envs, args.gamma, args.seed + 10_000, device)
+            for name in ("fqe", "cql"):
+                writer.add_scalar(f"eval/{name}_q_start", mc[name].mean(), step)
+                writer.add_scalar(f"eval/{name}_q_vs_mc", (mc[name] - mc["mc_return"]).mean(), step)
+            writer.add_scalar("eval/mc_return", mc["mc_return"].mean(), step)
+            print(f"Monte-Carlo check at step {step:,}: discounted soft return {mc['mc_return'].mean():.2f}, Q(s0, a0): "
+                  f"FQE {mc['fqe'].mean():.2f}, CQL {mc['cql'].mean():.2f} (per member: MC {np.array2string(mc['mc_return'], precision=1)}, "
+                  f"FQE {np.array2string(mc['fqe'], precision=1)})", flush=True)
+            start_time += time.time() - eval_start  # SPS counts training only
+
+        if step % args.save_every == 0 and not last:
+            save(partial_path, step)
+    save(output_path, args.total_steps)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    writer.close()
+    print(f"Wrote {output_path}: fine-tune from it with `python off2on_finetune.py --env-id {args.env_id or meta['args']['env_id']} "
+          f"--ensemble-size {N} --checkpoint {output_path}`")
