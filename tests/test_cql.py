@@ -84,8 +84,9 @@ def assert_close(a, b, atol, rtol=0.0, msg=""):
 # ---------------------------------------------------------------------------------------
 # 1. VectorizedLinear
 # ---------------------------------------------------------------------------------------
-def test_vectorized_linear_equals_nn_linear_per_member(f64):
-    N, B, n_in, n_out = 4, 7, 5, 3
+@pytest.mark.parametrize("n_out", [3, 1])  # 1: the dot-product path of a Q-value output
+def test_vectorized_linear_equals_nn_linear_per_member(f64, n_out):
+    N, B, n_in = 4, 7, 5
     layer = VectorizedLinear(n_in, n_out, N)
     assert layer.weight.shape == (N, n_in, n_out) and layer.bias.shape == (N, 1, n_out)
     x = torch.randn(N, B, n_in)
@@ -99,6 +100,13 @@ def test_vectorized_linear_equals_nn_linear_per_member(f64):
         assert_close(y[i], lin(x[i]), atol=1e-12, msg=f"member {i}")
         # and the plain formula x W + b
         assert_close(y[i], x[i] @ layer.weight[i] + layer.bias[i], atol=1e-12, msg=f"member {i} formula")
+    # a slice of members runs only those members, with the same values and gradients
+    assert_close(layer(x[1:3], slice(1, 3)), y[1:3], atol=1e-12)
+    g = torch.randn(N, B, n_out)
+    grads = torch.autograd.grad((y * g).sum(), [layer.weight, layer.bias])
+    expected = [torch.einsum("nbi,nbo->nio", x, g), g.sum(1, keepdim=True)]
+    for a, b in zip(grads, expected):
+        assert_close(a, b, atol=1e-10)
 
 
 def test_vectorized_linear_members_see_only_their_own_input(f64):
