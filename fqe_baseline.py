@@ -307,6 +307,8 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x):
+        if self.weight.shape[-1] == 1:  # one output (a Q-value): a dot product; CPU BLAS is ~50x slower on batched matrix-vector products (README, Speed)
+            return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
         return torch.baddbmm(self.bias, x, self.weight)
 
 
