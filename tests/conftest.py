@@ -1,6 +1,8 @@
 import os
 import sys
 
+os.environ.setdefault("MUJOCO_GL", "egl")  # before any test imports mujoco: headless rendering (pixel_envs.py)
+
 import pytest
 import torch
 from torch import nn
