@@ -701,7 +701,9 @@ class SumTree:
 
 class DensityRatio(nn.Module):
     """w_psi(s, a) >= 0, trained so that w -> d_online(s, a) / d_offline(s, a) (eq. 4). The output
-    goes through a ReLU; the last bias starts at 1, so w starts near 1."""
+    goes through a softplus, not SPEC's ReLU: a ReLU output stuck at 0 for an online sample has no
+    gradient to leave it, and the JS loss of that sample stays at -log(1e-10) (README, "Where this
+    differs"). The last bias starts at log(e - 1), so w starts near softplus(log(e - 1)) = 1."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes=(256, 256)):
         super().__init__()
@@ -709,10 +711,10 @@ class DensityRatio(nn.Module):
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
-        nn.init.constant_(self.net[-1].bias, 1.0)
+        nn.init.constant_(self.net[-1].bias, math.log(math.e - 1))
 
     def forward(self, obs, actions):
-        return F.relu(self.net(torch.cat([obs, actions], -1))).squeeze(-1)
+        return F.softplus(self.net(torch.cat([obs, actions], -1))).squeeze(-1)
 
 
 def density_ratio_loss(w_online, w_offline):

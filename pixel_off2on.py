@@ -557,8 +557,9 @@ class SumTree:
 
 class DensityRatio(nn.Module):
     """w_psi(s, a) >= 0, trained so that w -> d_online(s, a) / d_offline(s, a) (eq. 4): a conv
-    encoder, its features concatenated with the action, MLP (256, 128), ReLU output. The last
-    bias starts at 1, so w starts near 1."""
+    encoder, its features concatenated with the action, MLP (256, 128), softplus output (not SPEC's
+    ReLU: an output stuck at 0 has no gradient, README "Where this differs"). The last bias starts
+    at log(e - 1), so w starts near 1."""
 
     def __init__(self, action_dim: int, hidden_sizes=(256, 128)):
         super().__init__()
@@ -567,10 +568,10 @@ class DensityRatio(nn.Module):
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
-        nn.init.constant_(self.net[-1].bias, 1.0)
+        nn.init.constant_(self.net[-1].bias, math.log(math.e - 1))
 
     def forward(self, frames, actions):
-        return F.relu(self.net(torch.cat([self.encoder(frames[None])[0], actions], -1))).squeeze(-1)
+        return F.softplus(self.net(torch.cat([self.encoder(frames[None])[0], actions], -1))).squeeze(-1)
 
 
 def density_ratio_loss(w_online, w_offline):

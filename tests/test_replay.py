@@ -16,6 +16,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import off2on_finetune as ft
 
@@ -339,14 +340,32 @@ def test_sumtree_2_5m_leaves():
 def test_density_ratio_init_nonnegative_and_near_one():
     torch.manual_seed(0)
     net = ft.DensityRatio(OBS_DIM, ACT_DIM)
-    assert torch.all(net.net[-1].bias == 1.0)
+    assert F.softplus(net.net[-1].bias).item() == pytest.approx(1.0)
     with torch.no_grad():
         w = net(torch.randn(4096, OBS_DIM), torch.rand(4096, ACT_DIM) * 2 - 1)
         assert w.shape == (4096,)
-        assert torch.all(w >= 0)
+        assert torch.all(w > 0)
         assert abs(w.mean().item() - 1) < 0.15 and torch.quantile((w - 1).abs(), 0.95) < 0.35
         w_far = net(100 * torch.randn(4096, OBS_DIM), torch.zeros(4096, ACT_DIM))
-        assert torch.all(w_far >= 0) and torch.any(w_far == 0)  # the ReLU clips negative outputs
+        assert torch.all(w_far >= 0)
+
+
+def test_density_ratio_recovers_from_a_near_zero_output():
+    """An online sample the net maps to w ~ 0 still gets a gradient that raises w (with SPEC's ReLU
+    output it got none: w stayed 0 and the sample's loss at -log(1e-10), as measured in a pixel run)."""
+    torch.manual_seed(0)
+    net = ft.DensityRatio(1, 1, hidden_sizes=(8,))
+    with torch.no_grad():
+        net.net[-1].bias.fill_(-30.0)  # every output far below zero before the activation
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    s_on, a_on, s_off, a_off = torch.randn(64, 1) + 1, torch.randn(64, 1), torch.randn(64, 1), torch.randn(64, 1)
+    first = ft.density_ratio_loss(net(s_on, a_on), net(s_off, a_off)).item()
+    for _ in range(500):
+        loss = ft.density_ratio_loss(net(s_on, a_on), net(s_off, a_off))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 20 and loss.item() < 0.0  # from the dead zone back to the bound's normal range
 
 
 def test_density_ratio_loss_value():
