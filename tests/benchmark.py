@@ -6,8 +6,10 @@ Prints ms per update (CQL pretraining for N = 1 and 5; the full fine-tuning step
 SAC ensemble + density ratio + sum-tree sampling and priority write-back at 2M capacity) and the
 achieved GFLOP/s, counting the matmul FLOPs of every layer from its shape (forward, and the weight-
 and input-gradient products of the backward pass where they are computed). Elementwise work is
-not counted, so the percentage is a lower bound on how busy the matrix units are. Then the sum
-tree's share, the online env-step cost, and the whole fine-tuning loop's env steps per second.
+not counted, so the percentage is a lower bound on how busy the matrix units are. The matmul rate
+is measured in rounds interleaved with each row's timing, and a row's percentage is the median
+over its rounds, so that a drift in the shared machine's speed affects both sides alike. Then the
+sum tree's share, the online env-step cost, and the whole fine-tuning loop's env steps per second.
 """
 
 import argparse
@@ -22,17 +24,20 @@ import cql_pretrain  # noqa: E402
 import off2on_finetune as ft  # noqa: E402
 
 
-def matmul_rate(seconds=2.0) -> float:
+def matmul_rate(seconds=2.0, device="cpu") -> float:
     """Best float32 GFLOP/s over a few shapes like the ones a 256-wide MLP uses."""
     best = 0.0
     for m, k, n in ((1024, 1024, 1024), (4096, 256, 256), (256, 256, 256)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
         for _ in range(3):
             a @ b
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
-            a @ b
-            count += 1
+            for _ in range(10):
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            count += 10
         best = max(best, 2 * m * k * n * count / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -148,23 +153,27 @@ def time_env_step(agents, device, steps=1000) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def time_update(N, B, M, obs_dim, action_dim, hidden, repeats, device) -> float:
+def make_cql_update(N, B, M, obs_dim, action_dim, hidden, device):
+    """One CQL pretraining update of N agents on a fixed random batch."""
     torch.manual_seed(0)
     agents = cql_pretrain.CQLEnsemble(obs_dim, action_dim, hidden, N, cql_n_actions=M, device=device)
     batch = [torch.randn(N, B, obs_dim, device=device), torch.rand(N, B, action_dim, device=device) * 2 - 1,
              torch.randn(N, B, device=device), torch.randn(N, B, obs_dim, device=device), torch.zeros(N, B, device=device)]
-    for _ in range(3):
-        agents.update(batch)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        agents.update(batch)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]  # median
+    return lambda: agents.update(batch)
+
+
+def time_against_matmul(fn, flops, repeats, device, rounds=5):
+    """Median ms per call, GFLOP/s and fraction of the matmul rate over `rounds` rounds, each
+    timing `repeats` calls right after a short measurement of the matmul rate."""
+    ms, rates, fractions = [], [], []
+    for _ in range(rounds):
+        rate = matmul_rate(seconds=0.6, device=device)
+        seconds = median_seconds(fn, repeats, device)
+        ms.append(seconds * 1e3)
+        rates.append(rate)
+        fractions.append(flops / seconds / 1e9 / rate)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return median(ms), flops / median(ms) / 1e6, median(fractions), rates
 
 
 if __name__ == "__main__":
@@ -174,32 +183,38 @@ if __name__ == "__main__":
     args = parser.parse_args()
     obs_dim, action_dim, hidden, B, M = 17, 6, (256, 256), 256, 10
 
-    rate = matmul_rate()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    print(f"float32 matmul rate: {rate:.0f} GFLOP/s\n")
     print("| update | N | ms / update | GFLOP / update | GFLOP/s | % of matmul rate |")
     print("|---|---|---|---|---|---|")
+    all_rates = []
+
+    def report(name, N, fn, flops, repeats):
+        ms, gflops, fraction, rates = time_against_matmul(fn, flops, repeats, args.device)
+        all_rates.extend(rates)
+        print(f"| {name} | {N} | {ms:.1f} | {flops / 1e9:.2f} | {gflops:.0f} | {100 * fraction:.0f}% |", flush=True)
+        return ms / 1e3
+
     rows = [("CQL, vectorized", N, None) for N in (1, 5)]
     if args.device == "cpu":
         rows.append(("CQL, vectorized, no per-agent chunking", 5, float("inf")))
     for name, N, chunk_rows in rows:
         default = cql_pretrain.Critic.cpu_chunk_rows
         cql_pretrain.Critic.cpu_chunk_rows = chunk_rows or default
-        seconds = time_update(N, B, M, obs_dim, action_dim, hidden, args.repeats, args.device)
+        report(name, N, make_cql_update(N, B, M, obs_dim, action_dim, hidden, args.device),
+               cql_update_flops(N, B, M, obs_dim, action_dim, hidden), max(3, args.repeats // 4))
         cql_pretrain.Critic.cpu_chunk_rows = default
-        flops = cql_update_flops(N, B, M, obs_dim, action_dim, hidden)
-        print(f"| {name} | {N} | {seconds * 1e3:.0f} | {flops / 1e9:.1f} | {flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / rate:.0f}% |")
 
     for N in (1, 5):
         step, tree_only, agents = make_finetune_step(N, B, obs_dim, action_dim, hidden, args.device)
-        seconds = median_seconds(step, args.repeats, args.device)
-        flops = finetune_step_flops(N, B, obs_dim, action_dim, hidden)
-        print(f"| fine-tuning step (SAC ensemble + density ratio + sum tree, 2M buffer) | {N} | {seconds * 1e3:.1f} | {flops / 1e9:.2f} | "
-              f"{flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / rate:.0f}% |")
+        seconds = report("fine-tuning step (SAC ensemble + density ratio + sum tree, 2M buffer)", N, step,
+                         finetune_step_flops(N, B, obs_dim, action_dim, hidden), args.repeats)
     tree_seconds = median_seconds(tree_only, 200, "cpu")
 
     env_seconds = time_env_step(agents, args.device)
-    print(f"\nsum tree, 2M capacity, sample {B} + update {B} priorities: {tree_seconds * 1e3:.2f} ms = "
+    all_rates.sort()
+    print(f"\nfloat32 matmul rate over all rounds: median {all_rates[len(all_rates) // 2]:.0f} GFLOP/s "
+          f"(range {all_rates[0]:.0f}-{all_rates[-1]:.0f})")
+    print(f"sum tree, 2M capacity, sample {B} + update {B} priorities: {tree_seconds * 1e3:.2f} ms = "
           f"{100 * tree_seconds / seconds:.1f}% of the N=5 fine-tuning step")
     print(f"online env step (HalfCheetah-v5, N=5 merged policy): {env_seconds * 1e3:.2f} ms")
     print(f"fine-tuning loop, N=5, 1 update per env step: {1 / (seconds + env_seconds):.1f} env steps/s "
