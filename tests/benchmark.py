@@ -14,6 +14,7 @@ sum tree's share, the online env-step cost, and the whole fine-tuning loop's env
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -93,7 +94,7 @@ def median_seconds(fn, repeats, device) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def make_finetune_step(N, B, obs_dim, action_dim, hidden, device, n_offline=1_750_000, n_online=250_000):
@@ -172,8 +173,7 @@ def time_against_matmul(fn, flops, repeats, device, rounds=5):
         ms.append(seconds * 1e3)
         rates.append(rate)
         fractions.append(flops / seconds / 1e9 / rate)
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return median(ms), flops / median(ms) / 1e6, median(fractions), rates
+    return statistics.median(ms), flops / statistics.median(ms) / 1e6, statistics.median(fractions), rates
 
 
 if __name__ == "__main__":
@@ -211,9 +211,8 @@ if __name__ == "__main__":
     tree_seconds = median_seconds(tree_only, 200, "cpu")
 
     env_seconds = time_env_step(agents, args.device)
-    all_rates.sort()
-    print(f"\nfloat32 matmul rate over all rounds: median {all_rates[len(all_rates) // 2]:.0f} GFLOP/s "
-          f"(range {all_rates[0]:.0f}-{all_rates[-1]:.0f})")
+    print(f"\nfloat32 matmul rate over all rounds: median {statistics.median(all_rates):.0f} GFLOP/s "
+          f"(range {min(all_rates):.0f}-{max(all_rates):.0f})")
     print(f"sum tree, 2M capacity, sample {B} + update {B} priorities: {tree_seconds * 1e3:.2f} ms = "
           f"{100 * tree_seconds / seconds:.1f}% of the N=5 fine-tuning step")
     print(f"online env step (HalfCheetah-v5, N=5 merged policy): {env_seconds * 1e3:.2f} ms")
