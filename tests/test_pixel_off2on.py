@@ -203,3 +203,20 @@ def test_checkpoint_with_other_networks_fails_naming_both(work):
     out = run(work.path, "--online-episodes", "1", "--exp-name", "wide", "--hidden-sizes", "64", "64")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "hidden_sizes=[32, 32], but this run has hidden_sizes=[64, 64]" in out.stderr
+
+
+def test_sumtree_sums_stay_exact_with_repeated_indices():
+    """This file's sum tree (its own copy): after random batch updates with repeated indices, every
+    internal node equals the sum of its two children and every leaf holds the last value written."""
+    rng = np.random.default_rng(0)
+    tree, leaves = px.SumTree(100), np.zeros(100)
+    for _ in range(200):
+        idx = rng.integers(0, 100, 32)
+        idx[-4:] = idx[0]  # repeats within the batch
+        values = rng.exponential(size=32) * (rng.random(32) < 0.8)
+        tree.update(idx, values)
+        for i, v in zip(idx, values):
+            leaves[i] = v
+    np.testing.assert_array_equal(tree.get(np.arange(100)), leaves)
+    internal = np.arange(1, tree.capacity)
+    np.testing.assert_array_equal(tree.nodes[internal], tree.nodes[2 * internal] + tree.nodes[2 * internal + 1])

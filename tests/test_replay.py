@@ -572,6 +572,9 @@ def test_replay_get_returns_stored_rows():
             want = [obs, action, np.float32(reward), next_obs, np.float32(terminated)]
         for row, w in zip(rows, want):
             np.testing.assert_array_equal(row[k].numpy(), w)
+    obs, actions = replay.get(idx, ("observations", "actions"))  # a subset of the fields, in the order asked
+    np.testing.assert_array_equal(obs.numpy(), rows[0].numpy())
+    np.testing.assert_array_equal(actions.numpy(), rows[1].numpy())
 
 
 @pytest.mark.parametrize("mode", ["balanced", "uniform", "online-only"])
