@@ -679,8 +679,8 @@ class SumTree:
 
     def update(self, idx, priorities):
         """Set leaves (a repeated index keeps its last value), then recompute their ancestors as
-        sums of children, level by level, so the sums never drift. A shared ancestor is written once
-        per path, each time with the same sum (2x faster than deduplicating with np.unique)."""
+        sums of children, level by level, so the sums never drift. An ancestor of several updated
+        leaves is written once for each, always with the same sum (2x faster than np.unique first)."""
         nodes = self.capacity + np.asarray(idx, dtype=np.int64)
         self.nodes[nodes] = priorities
         for _ in range(self.depth):
@@ -1074,6 +1074,7 @@ if __name__ == "__main__":
             batch = replay.get(idx)
             offline_count += int((idx < replay.n_offline).sum())
             if args.replay == "balanced":
+                # w on the RL batch (its priorities) and on an online and an offline batch (the loss of eq. 4)
                 ratio_idx = np.concatenate([idx, *replay.density_ratio_indices(args.batch_size, args.ratio_target)])
                 w_batch, w_online, w_offline = density_ratio(*replay.get(ratio_idx, FIELDS[:2])).split(args.batch_size)
                 with torch.no_grad():  # priorities from w before this step's update of w

@@ -535,8 +535,8 @@ class SumTree:
 
     def update(self, idx, priorities):
         """Set leaves (a repeated index keeps its last value), then recompute their ancestors as
-        sums of children, level by level, so the sums never drift. A shared ancestor is written once
-        per path, each time with the same sum (2x faster than deduplicating with np.unique)."""
+        sums of children, level by level, so the sums never drift. An ancestor of several updated
+        leaves is written once for each, always with the same sum (2x faster than np.unique first)."""
         nodes = self.capacity + np.asarray(idx, dtype=np.int64)
         self.nodes[nodes] = priorities
         for _ in range(self.depth):
