@@ -1,20 +1,45 @@
-"""Offline phase of Off2On (Lee et al., CoRL 2021): an ensemble of N independent CQL agents.
+"""Off2On, offline phase: an ensemble of N independent CQL agents, vectorized in one process.
+
+Lee, Seo, Lee, Abbeel, Shin, "Offline-to-Online Reinforcement Learning via Balanced Replay and
+Pessimistic Q-Ensemble", CoRL 2021, https://arxiv.org/abs/2107.00591 (section 4.2, eq. 3).
 
     python cql_pretrain.py --env-id halfcheetah-medium-v2 --ensemble-size 5
 
-Each agent is a SAC actor with two critics trained by CQL(H) (paper eq. 3 with the actor of
-eq. 2). The N agents live in one process as *vectorized* networks (every layer holds all
-members' weights in one [N, in, out] tensor), each with its own initialization and its own
-minibatches. The checkpoint this writes is what `off2on_finetune.py` fine-tunes.
-The exact algorithm and defaults: SPEC.md sections 0-2, 5 and 6.
+Each agent is a SAC agent (tanh-Gaussian actor, two critics, learned temperature) trained with
+CQL(H), as in the original CQL code (https://github.com/aviralkumar2907/CQL), whose loss and
+defaults this follows. The authors of Off2On released no pretraining code, only five CQL agents
+for halfcheetah-medium (https://github.com/shlee94/Off2OnRL), whose networks these match. The
+checkpoint written here is what off2on_finetune.py fine-tunes. Docs: docs/cql_pretrain.md; the
+method, its equations and where we differ from the paper: docs/algorithm.md.
+
+Shared word for word with other scripts (tests/test_shared_blocks.py checks every copy):
+    data [off2on_finetune fqe_baseline vae_shift_probe]: D4RL_NAME GYM_IDS D4RL_REF_RETURNS
+        RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env episodes_to_transitions
+        load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit scale_to_env
+        normalized_score
+    layers [off2on_finetune fqe_baseline vae_shift_probe pixel_off2on]: VectorizedLinear
+        vectorized_mlp LOG_STD_MIN
+    actor [off2on_finetune fqe_baseline vae_shift_probe]: Actor
+    critic [off2on_finetune fqe_baseline]: Critic
+    policy [off2on_finetune fqe_baseline vae_shift_probe pixel_off2on]: tanh_gaussian_log_prob
+        tanh_gaussian_sample
+    merged policy [off2on_finetune vae_shift_probe pixel_off2on]: ensemble_gaussian
+    CQL term [off2on_finetune pixel_off2on]: cql_proposals cql_gap
+    CQL term, state-based [off2on_finetune]: q_data_and_proposals
+    checkpoints [off2on_finetune fqe_baseline vae_shift_probe pixel_off2on]: CHECKPOINT_FORMAT
+        CheckpointError load_checkpoint check_checkpoint_matches
+    saving [off2on_finetune fqe_baseline pixel_off2on]: save_checkpoint rng_state
+        restore_rng_state
+    resuming [off2on_finetune pixel_off2on]: check_same_settings
+    checkpoint path [off2on_finetune vae_shift_probe]: default_checkpoint_path
 """
 
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -27,12 +52,14 @@ import tyro
 @dataclass
 class Args:
     env_id: str = "halfcheetah-medium-v2"
-    """dataset: a D4RL-style name `{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`,
-    a Minari dataset id (`mujoco/hopper/expert-v0`), or, with `--dataset-path`, the environment"""
-    dataset_path: Optional[str] = None
+    """dataset: `{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`, a Minari
+    dataset id (`mujoco/hopper/expert-v0`), or, with `--dataset-path`, the environment"""
+    dataset_path: str | None = None
     """a D4RL-format .hdf5 file to train on instead of a Minari dataset"""
     random_dataset_size: int = 1_000_000
     """transitions in the locally generated uniform-random dataset (`*-random-v2`)"""
+    dataset_only: bool = False
+    """make (or check) the dataset, print its size, and exit"""
     ensemble_size: int = 5
     """number of independent CQL agents N"""
     seed: int = 1
@@ -42,7 +69,7 @@ class Args:
     batch_size: int = 256
     """minibatch size per agent"""
     hidden_sizes: tuple[int, ...] = (256, 256)
-    """hidden layer sizes of actor and critics (the paper used 256 256 256 for halfcheetah-medium-expert)"""
+    """hidden sizes of actor and critics (the paper: 256 256 256 for halfcheetah-medium-expert)"""
     cql_alpha: float = 5.0
     """weight of the CQL regularizer (eq. 3)"""
     cql_n_actions: int = 10
@@ -69,7 +96,7 @@ class Args:
     """deterministic episodes per policy and evaluation"""
     save_every: int = 10_000
     """steps between (atomic) checkpoints of the whole training state"""
-    checkpoint_path: Optional[str] = None
+    checkpoint_path: str | None = None
     """where to write the checkpoint [default: checkpoints/cql__{env_id}__n{N}__seed{seed}.pt]"""
     resume: bool = False
     """continue from the checkpoint at `--checkpoint-path` if it exists"""
@@ -81,22 +108,24 @@ class Args:
     """name of the experiment, part of the run name"""
 
 
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Data: D4RL-style names -> Minari datasets (or a D4RL hdf5 file) -> flat transitions
-# ---------------------------------------------------------------------------------------
-D4RL_NAME = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$")
+# ---------------------------------------------------------------------------------------------
+D4RL_NAME = re.compile(
+    r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$"
+)
 GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
-# D4RL's random / expert returns of the -v2 datasets (SPEC section 6)
-D4RL_REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
-CHECKPOINT_FORMAT = 1
+D4RL_REF_RETURNS = {  # D4RL's (random, expert) returns of the -v2 datasets
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+}
+RANDOM_DATASET_ID = "off2on/{env_name}/random-n{size}-v0"  # made by cql_pretrain.py
+FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations")
 
 
 class DatasetError(ValueError):
     """A dataset that can't be found or read; the message says how to provide it."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match this run; the message names both sides."""
 
 
 @dataclass
@@ -108,19 +137,46 @@ class OfflineData:
     terminations: np.ndarray  # [M] float32: 1 only on a true termination, never on a time limit
     env_spec: gym.envs.registration.EnvSpec  # the environment to evaluate in
     dataset_id: str
-    ref_returns: Optional[tuple[float, float]]  # (random, expert) returns for the normalized score
+    ref_returns: tuple[float, float] | None  # (random, expert) returns of the normalized score
     ref_source: str  # where ref_returns came from
 
     def __len__(self):
         return len(self.rewards)
 
 
+def make_env(env_spec) -> gym.Env:
+    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
+    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
+    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+    default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
+    if not (env_spec.name == "HalfCheetah" and default_xml):
+        return gym.make(env_spec)
+    import gymnasium.envs.mujoco
+    import mujoco
+
+    assets = os.path.join(os.path.dirname(gymnasium.envs.mujoco.__file__), "assets")
+    with open(os.path.join(assets, "half_cheetah.xml")) as f:
+        xml = f.read()
+    total_mass = re.search(r' settotalmass="([^"]+)"', xml)
+    if total_mass is None:  # a Gymnasium without the attribute
+        return gym.make(env_spec)
+    path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
+    with open(path, "w") as f:
+        f.write(xml.replace(total_mass.group(0), ""))
+    env = gym.make(env_spec, xml_file=path)
+    mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
+    mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
+    env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
+    return env
+
+
 def episodes_to_transitions(episodes) -> dict:
-    """Minari episodes (T+1 observations, T actions) -> flat (s, a, r, s', d); none crosses an episode."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminations")}
+    """Minari episodes (T + 1 observations, T actions) -> flat (s, a, r, s', d); no transition
+    crosses an episode boundary."""
+    parts = {k: [] for k in FIELDS}
     for ep in episodes:
         if not isinstance(ep.observations, np.ndarray):
-            raise DatasetError("only flat (Box) observations are supported, this dataset has dict or tuple observations")
+            raise DatasetError("only flat (Box) observations are supported, not dict or tuple ones")
         parts["observations"].append(ep.observations[:-1])
         parts["next_observations"].append(ep.observations[1:])
         parts["actions"].append(ep.actions)
@@ -136,11 +192,11 @@ def load_d4rl_hdf5(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise DatasetError(f"--dataset-path {path} does not exist")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     with h5py.File(path, "r") as f:
-        missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
-        if missing:
+        if missing := [k for k in keys if k not in f]:
             raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
-        d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        d = {k: f[k][()] for k in keys}
         if "next_observations" in f:
             next_obs, keep = f["next_observations"][()], np.ones(len(d["rewards"]), bool)
         else:
@@ -171,59 +227,21 @@ def load_minari_dataset(dataset_id: str):
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:
-        root = get_dataset_path()
+        root, reason = get_dataset_path(), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         raise DatasetError(
             f"Minari dataset '{dataset_id}' is not in {root} and could not be downloaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet: `minari download {dataset_id}`. "
-            f"Without: copy the dataset folder from a machine that has it into {root} (or point MINARI_DATASETS_PATH at it), "
-            f"or pass --dataset-path to a D4RL-format .hdf5 file."
+            f"({reason}). With internet: `minari download {dataset_id}`. Without: copy the "
+            f"dataset folder from a machine that has it into {root} (or point "
+            f"MINARI_DATASETS_PATH at it), or pass --dataset-path to a D4RL-format .hdf5 file."
         ) from None
 
 
-def make_random_dataset(env_name: str, size: int, seed: int = 0):
-    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
-    Minari dataset, so it is made once. (D4RL's random-v2 files can't be downloaded here.)"""
+def load_offline_data(
+    env_id: str, dataset_path: str | None = None, random_dataset_size: int = 1_000_000
+) -> OfflineData:
+    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score refs."""
     import minari
-    from minari.data_collector import EpisodeBuffer
 
-    dataset_id = f"off2on/{env_name}/random-n{size}-v0"
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a generation interrupted while writing: make it again
-        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
-        minari.delete_dataset(dataset_id)
-    env = gym.make(GYM_IDS[env_name])
-    env.action_space.seed(seed)
-    buffers, steps, episode = [], 0, 0
-    t0 = time.time()
-    print(f"Generating {dataset_id}: {size:,} uniform-random steps in {GYM_IDS[env_name]} ...", flush=True)
-    while steps < size:
-        obs, _ = env.reset(seed=seed + episode)
-        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
-        done = False
-        while not done:
-            action = env.action_space.sample()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            steps += 1
-            truncated = truncated or steps == size
-            for k, v in zip(("observations", "actions", "rewards", "terminations", "truncations"), (obs, action, reward, terminated, truncated)):
-                ep[k].append(v)
-            done = terminated or truncated
-            if steps % 100_000 == 0:
-                print(f"  {steps:,}/{size:,} steps ({steps / (time.time() - t0):,.0f} steps/s)", flush=True)
-        buffers.append(EpisodeBuffer(id=episode, **{k: np.asarray(v) for k, v in ep.items()}))
-        episode += 1
-    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
-        dataset_id, buffers, env=env.spec, eval_env=env.spec, algorithm_name="uniform-random policy",
-        author="off2on", author_email="none", code_permalink="cql_pretrain.py",
-        description=f"{size} steps of a uniform-random policy in {GYM_IDS[env_name]} (stands in for D4RL's {env_name}-random-v2)",
-    )
-
-
-def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_dataset_size: int = 1_000_000) -> OfflineData:
-    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score references."""
     name = D4RL_NAME.match(env_id)
     env_name = name.group(1) if name else None
     if dataset_path is not None:  # --env-id only names the environment
@@ -231,53 +249,78 @@ def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_da
             try:
                 env_spec = gym.spec(env_id)
             except gym.error.Error:
-                raise DatasetError(f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id") from None
-            env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+                msg = f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id"
+                raise DatasetError(msg) from None
+            env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
         else:
             env_spec = gym.spec(GYM_IDS[env_name])
-        transitions, dataset_id, minari_refs = load_d4rl_hdf5(dataset_path), os.path.abspath(dataset_path), None
+        transitions, dataset_id, minari_refs = (
+            load_d4rl_hdf5(dataset_path),
+            os.path.abspath(dataset_path),
+            None,
+        )
     elif name:
         kind = name.group(2)
         if kind == "medium-replay":
             raise DatasetError(
-                f"{env_id} has no Minari equivalent: download D4RL's {env_name}_medium_replay-v2.hdf5 "
-                f"and pass it with --dataset-path (and --env-id {env_id})"
+                f"{env_id} has no Minari equivalent: download D4RL's "
+                f"{env_name}_medium_replay-v2.hdf5 and pass it with --dataset-path"
             )
-        if kind == "random":
-            datasets = [make_random_dataset(env_name, random_dataset_size)]
+        if kind == "random":  # not downloadable: generated here by cql_pretrain.py
+            random_id = RANDOM_DATASET_ID.format(env_name=env_name, size=random_dataset_size)
+            try:
+                datasets = [minari.load_dataset(random_id)]
+            except Exception as e:
+                raise DatasetError(
+                    f"the locally generated dataset {random_id} is missing or unreadable "
+                    f"({type(e).__name__}): make it with `python cql_pretrain.py --env-id {env_id} "
+                    f"--random-dataset-size {random_dataset_size} --dataset-only`"
+                ) from None
         else:  # medium-expert is medium and expert concatenated, as D4RL built it
             datasets = [load_minari_dataset(f"mujoco/{env_name}/{k}-v0") for k in kind.split("-")]
         transitions = episodes_to_transitions(ep for ds in datasets for ep in ds.iterate_episodes())
-        env_spec, dataset_id, minari_refs = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name]), env_id, datasets[0]
+        env_spec = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name])
+        dataset_id, minari_refs = env_id, datasets[0]
     elif "/" in env_id:
         ds = load_minari_dataset(env_id)
         if ds.spec.env_spec is None:
             raise DatasetError(f"Minari dataset {env_id} records no environment to evaluate in")
         env_spec, dataset_id, minari_refs = ds.spec.env_spec, env_id, ds
-        env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+        env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
         transitions = episodes_to_transitions(ds.iterate_episodes())
     else:
         raise DatasetError(
-            f"unknown --env-id '{env_id}': expected `{{halfcheetah,hopper,walker2d}}-{{random,medium,expert,medium-expert}}-v2`, "
-            f"a Minari dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id together with --dataset-path FILE.hdf5"
+            f"unknown --env-id '{env_id}': expected "
+            "`{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`, a Minari "
+            "dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id with --dataset-path"
         )
 
     meta = minari_refs.storage.metadata if minari_refs is not None else {}
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref_returns, ref_source = (float(meta["ref_min_score"]), float(meta["ref_max_score"])), "the Minari dataset's ref_min_score/ref_max_score"
+        ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        ref_source = "the Minari dataset's ref_min_score/ref_max_score"
     elif env_name is not None:
         ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
     else:
         ref_returns, ref_source = None, "none (no reference returns for this environment)"
 
-    action_space = gym.make(env_spec).action_space
+    action_space = make_env(env_spec).action_space
     if transitions["actions"].shape[1:] != action_space.shape:
-        raise DatasetError(f"dataset actions have shape {transitions['actions'].shape[1:]}, env {env_spec.id} expects {action_space.shape}")
+        shape = transitions["actions"].shape[1:]
+        raise DatasetError(
+            f"dataset actions have shape {shape}, env {env_spec.id} expects {action_space.shape}"
+        )
     transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
     for key, value in transitions.items():
         if not np.isfinite(value).all():
             raise DatasetError(f"dataset {dataset_id} has non-finite values in {key}")
-    return OfflineData(**transitions, env_spec=env_spec, dataset_id=dataset_id, ref_returns=ref_returns, ref_source=ref_source)
+    return OfflineData(
+        **transitions,
+        env_spec=env_spec,
+        dataset_id=dataset_id,
+        ref_returns=ref_returns,
+        ref_source=ref_source,
+    )
 
 
 def scale_to_unit(actions, action_space):
@@ -297,11 +340,69 @@ def normalized_score(returns, ref_returns):
     return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
 
 
-# ---------------------------------------------------------------------------------------
-# Networks: every layer holds the weights of all members (SPEC section 0)
-# ---------------------------------------------------------------------------------------
+def make_random_dataset(env_name: str, size: int, seed: int = 0):
+    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
+    Minari dataset, once: it stands in for D4RL's random-v2 files, which can't be downloaded."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    dataset_id = RANDOM_DATASET_ID.format(env_name=env_name, size=size)
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a generation interrupted while writing: make it again
+        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
+        minari.delete_dataset(dataset_id)
+    env = make_env(gym.spec(GYM_IDS[env_name]))
+    env.action_space.seed(seed)
+    buffers, steps, start_time = [], 0, time.time()
+    print(
+        f"Generating {dataset_id}: {size:,} uniform-random steps in {env.spec.id} ...", flush=True
+    )
+    while steps < size:
+        obs, _ = env.reset(seed=seed + len(buffers))
+        ep = {
+            "observations": [obs],
+            "actions": [],
+            "rewards": [],
+            "terminations": [],
+            "truncations": [],
+        }
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            steps += 1
+            truncated = truncated or steps == size
+            for k, v in zip(ep, (obs, action, reward, terminated, truncated)):
+                ep[k].append(v)
+            done = terminated or truncated
+            if steps % 100_000 == 0:
+                rate = steps / (time.time() - start_time)
+                print(f"  {steps:,}/{size:,} steps ({rate:,.0f} steps/s)", flush=True)
+        buffers.append(EpisodeBuffer(id=len(buffers), **{k: np.asarray(v) for k, v in ep.items()}))
+    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
+        dataset_id,
+        buffers,
+        env=env,
+        eval_env=env.spec,
+        algorithm_name="uniform-random policy",
+        author="off2on",
+        author_email="none",
+        code_permalink="cql_pretrain.py",
+        description=f"{size} steps of a uniform-random policy in {env.spec.id} "
+        f"(stands in for D4RL's {env_name}-random-v2)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: every layer holds the weights of all N members (docs/algorithm.md, "Vectorized
+# ensembles")
+# ---------------------------------------------------------------------------------------------
 class VectorizedLinear(nn.Module):
-    """N independent linear layers in one: x [N, B, in] -> x @ W + b, W [N, in, out], b [N, 1, out]."""
+    """N independent linear layers in one: x [N, B, in] -> x @ W + b with W [N, in, out] and
+    b [N, 1, out]. `members` (a slice) runs only those members, on x [len(members), B, in]."""
 
     def __init__(self, in_features: int, out_features: int, ensemble_size: int):
         super().__init__()
@@ -311,10 +412,11 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x, members: Optional[slice] = None):
-        # all members: no indexing (its backward would zero-fill and copy each gradient)
-        weight, bias = (self.weight, self.bias) if members is None else (self.weight[members], self.bias[members])
-        if weight.shape[-1] == 1:  # one output (a Q-value): a dot product; CPU BLAS is ~50x slower on batched matrix-vector products (README, Speed)
+    def forward(self, x, members: slice | None = None):
+        weight, bias = self.weight, self.bias
+        if members is not None:  # not for all: a slice's backward zero-fills the whole gradient
+            weight, bias = weight[members], bias[members]
+        if weight.shape[-1] == 1:  # a Q-value: a dot product (docs/speed.md, "One-output layers")
             return (x * weight.transpose(1, 2)).sum(-1, keepdim=True) + bias
         return torch.baddbmm(bias, x, weight)
 
@@ -327,11 +429,27 @@ def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) 
     return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
 
 
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the
+    pre-tanh Gaussian. The last layer is the mean head and the log-std head side by side."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * action_dim, ensemble_size)
+
+    def forward(self, obs):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
 class Critic(nn.Module):
     """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
     critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
 
-    cpu_chunk_rows = 2048  # on CPU, inputs taller than this run one agent at a time (see forward)
+    cpu_chunk_rows = 2048  # on CPU, inputs taller than this run one agent at a time
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
         super().__init__()
@@ -341,33 +459,19 @@ class Critic(nn.Module):
     def forward(self, obs, actions):
         x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
         if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
-            # Tall inputs (the CQL term: 31 actions a state) go one agent at a time on CPU: batched,
-            # the activations (80 MB for N=5) overflow the cache, and it ran 1.3x slower (README, Speed).
-            q = torch.cat([self.member_forward(x[2 * i : 2 * i + 2], slice(2 * i, 2 * i + 2)) for i in range(self.ensemble_size)])
+            # the CQL term's 31 actions a state: batched, the activations overflow the CPU cache
+            # (docs/speed.md, "Per-agent chunking of the CQL critic on CPU")
+            agents = [slice(2 * i, 2 * i + 2) for i in range(self.ensemble_size)]
+            q = torch.cat([self.member_forward(x, members) for members in agents])
         else:
             q = self.net(x)
         return q.view(self.ensemble_size, 2, -1)
 
     def member_forward(self, x, members: slice):
+        x = x[members]
         for layer in self.net:
             x = layer(x, members) if isinstance(layer, VectorizedLinear) else layer(x)
         return x
-
-
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-
-class Actor(nn.Module):
-    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the pre-tanh
-    Gaussian. The last layer is the mean head and the log-std head side by side."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
-        super().__init__()
-        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * action_dim, ensemble_size)
-
-    def forward(self, obs):
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
 def tanh_gaussian_log_prob(mean, log_std, u):
@@ -384,47 +488,72 @@ def tanh_gaussian_sample(mean, log_std, eps):
     return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
 
 
-def ensemble_mean_action(mean):
-    """Deterministic action of the ensemble policy: tanh of the mean of the members' means
-    (the moment-matched Gaussian of SPEC section 3): [N, B, act_dim] -> [B, act_dim]."""
-    return torch.tanh(mean.mean(0))
+def ensemble_gaussian(mean, log_std):
+    """The merged policy pi_E of eq. 5: N members' Gaussians [N, B, A] -> the one Gaussian that
+    matches their mixture's first two moments, mu = mean_i mu_i and
+    sigma^2 = mean_i (sigma_i^2 + mu_i^2) - mu^2, written as mean_i sigma_i^2 + mean_i (mu_i - mu)^2
+    to avoid cancellation. Returns mean, log_std [B, A]; its deterministic action is tanh(mean)."""
+    mu = mean.mean(0)
+    var = (2 * log_std).exp().mean(0) + ((mean - mu) ** 2).mean(0)
+    return mu, (0.5 * var.log()).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
-# ---------------------------------------------------------------------------------------
-# Losses and the update of all N agents (eq. 3 for the critics, eq. 2 for the actor)
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Losses (eq. 3 for the critics, eq. 2 for the actor) and the update of all N agents
+# ---------------------------------------------------------------------------------------------
 def cql_proposals(mean, log_std, next_mean, next_log_std, noise):
     """The 3M actions of the importance-sampled logsumexp and their log-densities: M uniform,
-    M from pi(.|s), M from pi(.|s'). Inputs [N, B, A] -> actions [N, 3M, B, A], log-density [N, 3M, B]."""
-    cur_actions, cur_log_pi = tanh_gaussian_sample(mean[:, None], log_std[:, None], noise["cur_cql"])
-    nxt_actions, nxt_log_pi = tanh_gaussian_sample(next_mean[:, None], next_log_std[:, None], noise["next_cql"])
-    uniform_log_density = torch.full_like(cur_log_pi, -mean.shape[-1] * math.log(2))
-    return torch.cat([noise["uniform"], cur_actions, nxt_actions], 1), torch.cat([uniform_log_density, cur_log_pi, nxt_log_pi], 1)
+    M from pi(.|s), M from pi(.|s'). Inputs [N, B, A] -> actions [N, 3M, B, A] and their
+    log-densities [N, 3M, B]."""
+    from_s = tanh_gaussian_sample(mean[:, None], log_std[:, None], noise["cur_cql"])
+    from_next_s = tanh_gaussian_sample(next_mean[:, None], next_log_std[:, None], noise["next_cql"])
+    uniform_log_density = torch.full_like(from_s[1], -mean.shape[-1] * math.log(2))
+    actions = torch.cat([noise["uniform"], from_s[0], from_next_s[0]], 1)
+    return actions, torch.cat([uniform_log_density, from_s[1], from_next_s[1]], 1)
 
 
 def q_data_and_proposals(qf, obs, actions, proposals):
     """Q at s of the data action and of the 3M proposals, in one pass: [N, 2, 1 + 3M, B]."""
     N, K, B, A = proposals.shape
-    all_actions = torch.cat([actions[:, None], proposals], 1)
-    all_obs = obs[:, None].expand(-1, K + 1, -1, -1)
-    return qf(all_obs.reshape(N, -1, obs.shape[-1]), all_actions.reshape(N, -1, A)).view(N, 2, K + 1, B)
+    all_actions = torch.cat([actions[:, None], proposals], 1).reshape(N, -1, A)
+    all_obs = obs[:, None].expand(-1, K + 1, -1, -1).reshape(N, (K + 1) * B, -1)
+    return qf(all_obs, all_actions).view(N, 2, K + 1, B)
 
 
 def cql_gap(q, log_density):
-    """The CQL(H) regularizer of eq. 3 for each agent and critic:
-    E_s[ log sum_j exp(Q(s, a_j) - log density(a_j)) - Q(s, a_data) ]. q from q_data_and_proposals -> [N, 2]."""
+    """The CQL(H) regularizer of eq. 3 for each agent and critic,
+    E_s[ log sum_j exp(Q(s, a_j) - log density(a_j)) - Q(s, a_data) ]:
+    q [N, 2, 1 + 3M, B] from q_data_and_proposals -> [N, 2]."""
     logsumexp = torch.logsumexp(q[:, :, 1:] - log_density[:, None], dim=2)  # [N, 2, B]
     return (logsumexp - q[:, :, 0]).mean(-1)
+
+
+OPTIMIZERS = ("actor_optimizer", "qf_optimizer", "alpha_optimizer")
 
 
 class CQLEnsemble:
     """N CQL agents trained side by side. Every loss is summed over members, so each member's
     gradient (and, Adam being elementwise, each member's update) is exactly its own."""
 
-    def __init__(self, obs_dim, action_dim, hidden_sizes=(256, 256), ensemble_size=5, cql_alpha=5.0, cql_n_actions=10,
-                 gamma=0.99, tau=0.005, policy_lr=1e-4, q_lr=3e-4, alpha_lr=1e-4, deterministic_backup=True, device="cpu"):
+    def __init__(
+        self,
+        obs_dim,
+        action_dim,
+        hidden_sizes=(256, 256),
+        ensemble_size=5,
+        cql_alpha=5.0,
+        cql_n_actions=10,
+        gamma=0.99,
+        tau=0.005,
+        policy_lr=1e-4,
+        q_lr=3e-4,
+        alpha_lr=1e-4,
+        deterministic_backup=True,
+        device="cpu",
+    ):
         self.obs_dim, self.action_dim, self.ensemble_size = obs_dim, action_dim, ensemble_size
-        self.cql_alpha, self.cql_n_actions, self.gamma, self.tau = cql_alpha, cql_n_actions, gamma, tau
+        self.cql_alpha, self.cql_n_actions = cql_alpha, cql_n_actions
+        self.gamma, self.tau = gamma, tau
         self.deterministic_backup, self.target_entropy = deterministic_backup, -float(action_dim)
         self.actor = Actor(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
         self.qf = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
@@ -437,8 +566,9 @@ class CQLEnsemble:
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=alpha_lr)
 
     def draw_noise(self, batch_size: int) -> dict:
-        """All randomness of one update, so that an update is a function of (weights, batch, noise)."""
-        N, M, B, A, dev = self.ensemble_size, self.cql_n_actions, batch_size, self.action_dim, self.log_alpha.device
+        """All randomness of one update: an update is a function of (weights, batch, noise)."""
+        N, M, B, A = self.ensemble_size, self.cql_n_actions, batch_size, self.action_dim
+        dev = self.log_alpha.device
         return {
             "target": torch.randn(N, B, A, device=dev),  # a'' ~ pi(.|s') of the Bellman target
             "next_cql": torch.randn(N, M, B, A, device=dev),  # M actions from pi(.|s')
@@ -452,7 +582,9 @@ class CQLEnsemble:
         Inputs [N, B, ...]; mean/log_std: the actor at s, detached."""
         with torch.no_grad():
             next_mean, next_log_std = self.actor(next_obs)
-            next_actions, next_log_pi = tanh_gaussian_sample(next_mean, next_log_std, noise["target"])
+            next_actions, next_log_pi = tanh_gaussian_sample(
+                next_mean, next_log_std, noise["target"]
+            )
             next_q = self.qf_target(next_obs, next_actions).min(1).values  # [N, B]
             if not self.deterministic_backup:
                 next_q = next_q - self.log_alpha.exp()[:, None] * next_log_pi
@@ -460,57 +592,69 @@ class CQLEnsemble:
             proposals, log_density = cql_proposals(mean, log_std, next_mean, next_log_std, noise)
         q = q_data_and_proposals(self.qf, obs, actions, proposals)
         q_data = q[:, :, 0]  # [N, 2, B]
-        bellman_loss = ((q_data - target[:, None]) ** 2).mean(-1)  # [N, 2]: plain MSE, as the CQL code
+        bellman_loss = ((q_data - target[:, None]) ** 2).mean(
+            -1
+        )  # [N, 2]: plain MSE, as CQL's code
         cql_loss = cql_gap(q, log_density)  # [N, 2]
         loss = (bellman_loss + self.cql_alpha * cql_loss).sum()
-        return loss, {"qf_loss": bellman_loss.mean(), "cql_loss": cql_loss.mean(), "q_data": q_data.mean()}
+        logs = {
+            "qf_loss": bellman_loss.mean(),
+            "cql_loss": cql_loss.mean(),
+            "q_data": q_data.mean(),
+        }
+        return loss, logs
 
     def actor_loss(self, obs, actions, mean, log_std, noise, behaviour_cloning: bool):
         """E[alpha log pi(a|s) - min_k Q_k(s, a)] (eq. 2), or for the first bc_steps
         E[alpha log pi(a|s) - log pi(a_data|s)]; plus the temperature loss. Summed over members."""
-        pi_actions, log_pi = tanh_gaussian_sample(mean, log_std, noise["actor"])  # [N, B, A], [N, B]
+        pi_actions, log_pi = tanh_gaussian_sample(
+            mean, log_std, noise["actor"]
+        )  # [N, B, A], [N, B]
         if behaviour_cloning:
-            objective = tanh_gaussian_log_prob(mean, log_std, torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6)))
+            data_u = torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
+            objective = tanh_gaussian_log_prob(mean, log_std, data_u)
         else:
             objective = self.qf(obs, pi_actions).min(1).values
         alpha = self.log_alpha.exp()[:, None].detach()
         actor_loss = (alpha * log_pi - objective).mean(-1).sum()
-        alpha_loss = -(self.log_alpha[:, None] * (log_pi.detach() + self.target_entropy)).mean(-1).sum()
-        return actor_loss, alpha_loss, {"actor_loss": actor_loss / self.ensemble_size, "alpha": alpha.mean(), "entropy": -log_pi.mean()}
+        alpha_loss = -(self.log_alpha[:, None] * (log_pi.detach() + self.target_entropy)).mean(-1)
+        logs = {"actor_loss": actor_loss / self.ensemble_size, "alpha": alpha.mean()}
+        return actor_loss, alpha_loss.sum(), {**logs, "entropy": -log_pi.mean()}
 
     def update(self, batch, behaviour_cloning=False, noise=None) -> dict:
-        """One gradient step of every agent. batch: (obs, actions, rewards, next_obs, terminations), each [N, B, ...]."""
+        """One gradient step of every agent: the critics, then the actors and temperatures against
+        the updated critics, then the targets. batch: (s, a, r, s', d), each [N, B, ...]."""
         obs, actions, rewards, next_obs, terminations = batch
         noise = self.draw_noise(obs.shape[1]) if noise is None else noise
         mean, log_std = self.actor(obs)
-
-        qf_loss, logs = self.critic_loss(obs, actions, rewards, next_obs, terminations, mean.detach(), log_std.detach(), noise)
-        self.step_critics(qf_loss)
-        self.qf.requires_grad_(False)  # the actor loss only trains the actor
-        actor_loss, alpha_loss, actor_logs = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
-        self.qf.requires_grad_(True)
-        self.step_actors_and_targets(actor_loss, alpha_loss)
-        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
-
-    def step_critics(self, qf_loss):
+        qf_loss, logs = self.critic_loss(*batch, mean.detach(), log_std.detach(), noise)
         self.qf_optimizer.zero_grad(set_to_none=True)
         qf_loss.backward()
         self.qf_optimizer.step()
 
-    def step_actors_and_targets(self, actor_loss, alpha_loss):
+        self.qf.requires_grad_(False)  # the actor loss only trains the actors
+        pi = (mean, log_std)
+        actor_loss, alpha_loss, actor_logs = self.actor_loss(
+            obs, actions, *pi, noise, behaviour_cloning
+        )
+        self.qf.requires_grad_(True)
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.alpha_optimizer.zero_grad(set_to_none=True)
         (actor_loss + alpha_loss).backward()  # disjoint parameters: one backward for both
         self.actor_optimizer.step()
         self.alpha_optimizer.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
+            targets, params = list(self.qf_target.parameters()), list(self.qf.parameters())
+            torch._foreach_lerp_(targets, params, self.tau)
+        return {k: v.detach() for k, v in {**logs, **actor_logs}.items()}
 
     def state_dict(self) -> dict:
         return {
-            "actor": self.actor.state_dict(), "qf": self.qf.state_dict(), "qf_target": self.qf_target.state_dict(),
-            "log_alpha": self.log_alpha.detach().clone(), "actor_optimizer": self.actor_optimizer.state_dict(),
-            "qf_optimizer": self.qf_optimizer.state_dict(), "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "actor": self.actor.state_dict(),
+            "qf": self.qf.state_dict(),
+            "qf_target": self.qf_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            **{name: getattr(self, name).state_dict() for name in OPTIMIZERS},
         }
 
     def load_state_dict(self, state: dict):
@@ -519,42 +663,48 @@ class CQLEnsemble:
         self.qf_target.load_state_dict(state["qf_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        for name in ("actor_optimizer", "qf_optimizer", "alpha_optimizer"):
-            if name in state:
-                getattr(self, name).load_state_dict(state[name])
+        for name in OPTIMIZERS:
+            getattr(self, name).load_state_dict(state[name])
 
 
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Evaluation and checkpoints
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor: Actor, envs: list, ensemble_size: int, seed: int, device) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic returns of each member and of the ensemble policy, all envs in lockstep.
-    `envs` holds (N + 1) * E envs: E for each member, then E for the ensemble.
-    Returns member returns [N, E] and ensemble returns [E]."""
-    n_eps = len(envs) // (ensemble_size + 1)
-    obs = np.stack([env.reset(seed=seed + j % n_eps)[0] for j, env in enumerate(envs)])
+def evaluate(actor: Actor, envs: list, seed: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic returns of each member and of the merged policy, all envs in lockstep.
+    `envs` holds (N + 1) * E envs: E for each member, then E for the merged policy.
+    Returns member returns [N, E] and merged-policy returns [E]."""
+    N = actor.net[0].weight.shape[0]
+    E = len(envs) // (N + 1)
+    obs = np.stack([env.reset(seed=seed + j % E)[0] for j, env in enumerate(envs)])
     returns, active = np.zeros(len(envs)), np.ones(len(envs), bool)
-    action_space = envs[0].action_space
     while active.any():
-        x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(ensemble_size + 1, n_eps, -1)
-        members_x = torch.cat([x[:-1], x[-1:].expand(ensemble_size, -1, -1)], 1)  # [N, 2E, obs]: own envs, then the ensemble's
-        mean, _ = actor(members_x)
-        actions = torch.cat([torch.tanh(mean[:, :n_eps]).flatten(0, 1), ensemble_mean_action(mean[:, n_eps:])]).cpu().numpy()
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(N + 1, E, -1)
+        mean, log_std = actor(torch.cat([x[:-1], x[-1:].expand(N, -1, -1)], 1))  # [N, 2E, A]
+        merged_mean, _ = ensemble_gaussian(mean[:, E:], log_std[:, E:])
+        actions = torch.tanh(torch.cat([mean[:, :E].flatten(0, 1), merged_mean])).cpu().numpy()
         for j in np.flatnonzero(active):
-            obs[j], reward, terminated, truncated, _ = envs[j].step(scale_to_env(actions[j], action_space))
+            action = scale_to_env(actions[j], envs[j].action_space)
+            obs[j], reward, terminated, truncated, _ = envs[j].step(action)
             returns[j] += reward
             active[j] = not (terminated or truncated)
-    returns = returns.reshape(ensemble_size + 1, n_eps)
+    returns = returns.reshape(N + 1, E)
     return returns[:-1], returns[-1]
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match this run; the message names both sides."""
 
 
 def save_checkpoint(path: str, checkpoint: dict):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -564,21 +714,26 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
     return checkpoint
 
 
 def check_checkpoint_matches(metadata: dict, expected: dict, path: str):
-    """Fail with both values named when a checkpoint was made for another env, dataset or network."""
+    """Fail, naming both values, when a checkpoint was made for another env, data or network."""
     for key, value in expected.items():
         if metadata.get(key) != value:
-            raise CheckpointError(f"checkpoint {path} has {key}={metadata.get(key)!r}, but this run has {key}={value!r}")
+            saved = f"{key}={metadata.get(key)!r}"
+            raise CheckpointError(
+                f"checkpoint {path} has {saved}, but this run has {key}={value!r}"
+            )
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), **cuda}
 
 
 def restore_rng_state(state: dict):
@@ -589,17 +744,28 @@ def restore_rng_state(state: dict):
 
 def check_same_settings(saved: dict, current: dict, path: str, ignore=()):
     """Resuming under other algorithm settings would silently mix two runs: fail, naming them."""
-    differing = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
-    if differing:
-        raise CheckpointError(f"{path} was made with other settings (saved, now): {differing}; resume with the same ones, or start a new run")
+    differing = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if differing := {k: v for k, v in differing.items() if k not in ignore}:
+        raise CheckpointError(
+            f"{path} was made with other settings (saved, now): {differing}; "
+            "resume with the same ones, or start a new run"
+        )
 
 
 def default_checkpoint_path(env_id: str, ensemble_size: int, seed: int) -> str:
     return f"checkpoints/cql__{env_id.replace('/', '-')}__n{ensemble_size}__seed{seed}.pt"
 
 
+# settings that may change when a run is resumed: they don't change what is computed
+NOT_SETTINGS = ("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every")
+NOT_SETTINGS += ("eval_episodes", "save_every", "exp_name", "checkpoint_path", "dataset_only")
+
+
 def validate_args(args: Args):
-    for name in ("ensemble_size", "total_steps", "batch_size", "cql_n_actions", "log_every", "eval_every", "eval_episodes", "save_every", "random_dataset_size"):
+    for name in ("ensemble_size", "total_steps", "batch_size", "cql_n_actions", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_every", "eval_episodes", "save_every", "random_dataset_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.hidden_sizes or min(args.hidden_sizes) < 1:
@@ -608,35 +774,53 @@ def validate_args(args: Args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, args.ensemble_size, args.seed)
+    N, seed = args.ensemble_size, args.seed
+    checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, N, seed)
     try:
         validate_args(args)
-        if os.path.exists(checkpoint_path) and not args.resume:
-            raise ValueError(f"{checkpoint_path} exists: pass --resume to continue it, or --checkpoint-path to write elsewhere")
+        if os.path.exists(checkpoint_path) and not (args.resume or args.dataset_only):
+            raise ValueError(
+                f"{checkpoint_path} exists: pass --resume to continue it, "
+                "or --checkpoint-path to write elsewhere"
+            )
+        name = D4RL_NAME.match(args.env_id)
+        if name and name.group(2) == "random" and args.dataset_path is None:
+            make_random_dataset(name.group(1), args.random_dataset_size)
         data = load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.dataset_only:
+        print(f"{data.dataset_id}: {len(data):,} transitions, env {data.env_spec.id}")
+        raise SystemExit(0)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    N = args.ensemble_size
+    torch.manual_seed(seed)
+    np.random.seed(seed)
     obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-    metadata = {
-        "obs_dim": obs_dim, "action_dim": action_dim, "hidden_sizes": list(args.hidden_sizes), "ensemble_size": N,
-        "dataset_id": data.dataset_id, "env_id": data.env_spec.id, "critic_source": "cql",
+    metadata = {  # what a checkpoint says about itself (docs/cql_pretrain.md, "Checkpoints")
+        "obs_dim": obs_dim,
+        "action_dim": action_dim,
+        "hidden_sizes": list(args.hidden_sizes),
+        "ensemble_size": N,
+        "dataset_id": data.dataset_id,
+        "env_id": data.env_spec.id,
+        "critic_source": "cql",
         "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()},
     }
-    agents = CQLEnsemble(obs_dim, action_dim, args.hidden_sizes, N, args.cql_alpha, args.cql_n_actions, args.gamma, args.tau,
-                         args.policy_lr, args.q_lr, args.alpha_lr, args.deterministic_backup, device)
+    agents = CQLEnsemble(
+        obs_dim, action_dim, args.hidden_sizes, N, args.cql_alpha, args.cql_n_actions, args.gamma,
+        args.tau, args.policy_lr, args.q_lr, args.alpha_lr, args.deterministic_backup, device,
+    )  # fmt: skip
 
-    start_step, run_name = 0, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if os.path.exists(checkpoint_path):
+    start_step, run_name = 0, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{seed}"
+    run_name += f"__{int(time.time())}"
+    if os.path.exists(checkpoint_path):  # --resume
+        keys = ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")
         try:
             checkpoint = load_checkpoint(checkpoint_path)
-            check_checkpoint_matches(checkpoint["metadata"], {k: metadata[k] for k in ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, checkpoint_path)
-            check_same_settings(checkpoint["metadata"]["args"], metadata["args"], checkpoint_path,
-                                ignore=("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every", "eval_episodes", "save_every", "exp_name", "checkpoint_path"))
+            saved = checkpoint["metadata"]
+            check_checkpoint_matches(saved, {k: metadata[k] for k in keys}, checkpoint_path)
+            check_same_settings(saved["args"], metadata["args"], checkpoint_path, NOT_SETTINGS)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
         agents.load_state_dict(checkpoint)
@@ -647,54 +831,69 @@ if __name__ == "__main__":
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"{data.dataset_id}: {len(data):,} transitions, env {data.env_spec.id}, obs {obs_dim}, actions {action_dim}; "
-          f"normalized score uses {data.ref_source}; {N} agents on {device}; logs in runs/{run_name}")
-    dataset = [torch.as_tensor(x, device=device) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminations)]
-    eval_envs = [gym.make(data.env_spec) for _ in range((N + 1) * args.eval_episodes)]
-
-    def save(step):
-        save_checkpoint(checkpoint_path, {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, **agents.state_dict(),
-                                          "global_step": step, "run_name": run_name, "rng": rng_state()})
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    print(
+        f"{data.dataset_id}: {len(data):,} transitions, env {data.env_spec.id}; normalized score "
+        f"uses {data.ref_source}; {N} agents on {device}; logs in runs/{run_name}"
+    )
+    dataset = [torch.as_tensor(getattr(data, field), device=device) for field in FIELDS]
+    eval_envs = [make_env(data.env_spec) for _ in range((N + 1) * args.eval_episodes)]
 
     start_time, last_step = time.time(), start_step
     for step in range(start_step + 1, args.total_steps + 1):
-        idx = torch.randint(len(data), (N, args.batch_size), device=device)  # each agent its own minibatch
+        # ALGO LOGIC: each agent its own minibatch, one gradient step of all N
+        idx = torch.randint(len(data), (N, args.batch_size), device=device)
         logs = agents.update([x[idx] for x in dataset], behaviour_cloning=step <= args.bc_steps)
 
+        # LOG, and stop on a non-finite loss before it reaches a checkpoint
         last = step == args.total_steps
         if step % args.log_every == 0 or step % args.save_every == 0 or last:
             logs = {k: v.item() for k, v in logs.items()}
-            if not all(math.isfinite(v) for v in logs.values()):  # checked before every save
-                raise SystemExit(f"error: non-finite loss at step {step} ({logs}); the last good checkpoint ({checkpoint_path}) "
-                                 f"is kept. Try a lower --q-lr/--policy-lr or --cql-alpha, and --resume from it")
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise SystemExit(
+                    f"error: non-finite loss at step {step} ({logs}); the last good checkpoint "
+                    f"({checkpoint_path}) is kept. Try a lower --q-lr, --policy-lr or "
+                    "--cql-alpha, and --resume from it"
+                )
         if step % args.log_every == 0 or last:
             sps = int((step - last_step) / (time.time() - start_time))
             start_time, last_step = time.time(), step
             for k, v in logs.items():
                 writer.add_scalar(f"losses/{k}", v, step)
             writer.add_scalar("charts/SPS", sps, step)
-            print(f"step {step:,}/{args.total_steps:,} | qf {logs['qf_loss']:.3f} | cql {logs['cql_loss']:.3f} | "
-                  f"actor {logs['actor_loss']:.3f} | alpha {logs['alpha']:.4f} | Q {logs['q_data']:.2f} | {sps} SPS", flush=True)
+            print(
+                f"step {step:,}/{args.total_steps:,} | qf {logs['qf_loss']:.3f} | "
+                f"cql {logs['cql_loss']:.3f} | actor {logs['actor_loss']:.3f} | "
+                f"alpha {logs['alpha']:.4f} | Q {logs['q_data']:.2f} | {sps} SPS",
+                flush=True,
+            )
 
+        # EVALUATE each member and the merged policy (SPS counts training only)
         if step % args.eval_every == 0 or last:
             eval_start = time.time()
-            member_returns, ensemble_returns = evaluate(agents.actor, eval_envs, N, args.seed + 10_000, device)
-            writer.add_scalar("eval/return", ensemble_returns.mean(), step)
-            line = f"eval step {step:,}: ensemble return {ensemble_returns.mean():.1f}"
+            member_returns, merged_returns = evaluate(
+                agents.actor, eval_envs, seed + 10_000, device
+            )
+            writer.add_scalar("eval/return", merged_returns.mean(), step)
             for i, r in enumerate(member_returns.mean(1)):
                 writer.add_scalar(f"eval/member{i}_return", r, step)
+            line = f"eval step {step:,}: ensemble return {merged_returns.mean():.1f}"
             if data.ref_returns is not None:
                 member_scores = normalized_score(member_returns.mean(1), data.ref_returns)
-                score = normalized_score(ensemble_returns.mean(), data.ref_returns)
+                score = normalized_score(merged_returns.mean(), data.ref_returns)
                 writer.add_scalar("eval/normalized_score", score, step)
                 for i, s in enumerate(member_scores):
                     writer.add_scalar(f"eval/member{i}_normalized_score", s, step)
-                line += f" (normalized {score:.1f}); members {np.array2string(member_scores, precision=1)}"
+                members = np.array2string(member_scores, precision=1)
+                line += f" (normalized {score:.1f}); members {members}"
             print(line, flush=True)
-            start_time += time.time() - eval_start  # SPS counts training only
+            start_time += time.time() - eval_start
 
+        # SAVE the whole training state, atomically
         if step % args.save_every == 0 or last:
-            save(step)
+            state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
+            checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+            save_checkpoint(checkpoint_path, {**checkpoint, **agents.state_dict(), **state})
     writer.close()
     print(f"Wrote {checkpoint_path}")
