@@ -1,31 +1,47 @@
-"""Fitted Q Evaluation of pretrained CQL actors: the non-pessimistic critic of paper section 3.
+"""Off2On, concept experiment: Fitted Q Evaluation of pretrained CQL actors, the non-pessimistic
+critics that fine-tuning is compared against.
 
-    python fqe_baseline.py --env-id halfcheetah-medium-expert-v2 --checkpoint checkpoints/cql__...pt
+Lee, Seo, Lee, Abbeel, Shin, "Offline-to-Online Reinforcement Learning via Balanced Replay and
+Pessimistic Q-Ensemble", CoRL 2021, https://arxiv.org/abs/2107.00591 (section 3.3, Figures 1c
+and 13, appendix C).
 
-For each member of a CQL checkpoint (written by `cql_pretrain.py`), keep its actor pi_i and fit two
-fresh critics from random initialization by policy evaluation on the offline data (SPEC section 9):
+    python fqe_baseline.py --checkpoint checkpoints/cql__halfcheetah-medium-expert-v2__n5__seed1.pt
 
-    y_i = r + gamma (1 - d) (min_k Qtarget_ik(s', a') - alpha_i log pi_i(a'|s')),   a' ~ pi_i(.|s'),
+For each member of a cql_pretrain.py checkpoint, keep its actor pi_i and fit two fresh critics
+from random initialization by policy evaluation on the offline data (FQE, Le et al. 2019):
 
-with alpha_i fixed at the member's value in the checkpoint. There is no CQL term, so the result is
-SAC's soft Q-function of the *same* actors without pessimism: the critics of Figure 1c and of
-Figure 13's "FQE-init". The output is a checkpoint in the format of SPEC section 5 (actors and
-alpha unchanged, critics and targets replaced, `critic_source: fqe`), so that
+    y_i = r + gamma (1 - d) (min_k Qtarget_ik(s', a') - alpha_i log pi_i(a'|s')),  a' ~ pi_i(.|s')
 
-    python off2on_finetune.py --env-id ... --checkpoint checkpoints/cql__...__fqe.pt
+with alpha_i fixed at the member's value in the checkpoint. There is no CQL term, so the result
+is SAC's soft Q-function of the *same* actors without pessimism. The output is a checkpoint in
+cql_pretrain.py's format (actors and alpha unchanged, critics and targets replaced,
+`critic_source: fqe`), which off2on_finetune.py fine-tunes with `--checkpoint ...__fqe.pt`. The
+paper's FQE learning rate and batch size were lost from its text: Adam 3e-4, batch 256.
+Docs: docs/concept_experiments.md.
 
-runs the non-pessimistic comparison. Logged: the FQE loss; the mean Q on dataset actions and on
-uniform-random actions for the CQL and the FQE critics (CQL ranks random actions far below the
-data's, FQE need not); and a Monte-Carlo check of FQE's Q at start states against the discounted
-(soft) return of each actor's own rollouts.
+Shared word for word with other scripts (tests/test_shared_blocks.py checks every copy):
+    data [cql_pretrain off2on_finetune vae_shift_probe]: D4RL_NAME GYM_IDS D4RL_REF_RETURNS
+        RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env episodes_to_transitions
+        load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit scale_to_env
+        normalized_score
+    layers [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on]: VectorizedLinear
+        vectorized_mlp LOG_STD_MIN
+    actor [cql_pretrain off2on_finetune vae_shift_probe]: Actor
+    critic [cql_pretrain off2on_finetune]: Critic
+    policy [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on]: tanh_gaussian_log_prob
+        tanh_gaussian_sample
+    checkpoints [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on]: CHECKPOINT_FORMAT
+        CheckpointError load_checkpoint check_checkpoint_matches
+    saving [cql_pretrain off2on_finetune pixel_off2on]: save_checkpoint rng_state
+        restore_rng_state
 """
 
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -38,19 +54,19 @@ import tyro
 @dataclass
 class Args:
     checkpoint: str = ""
-    """the CQL checkpoint whose actors are evaluated (required)"""
-    env_id: Optional[str] = None
+    """the cql_pretrain.py checkpoint whose actors are evaluated (required)"""
+    env_id: str | None = None
     """dataset to fit on, named as in cql_pretrain.py [default: the checkpoint's]"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format .hdf5 file to fit on instead of a Minari dataset [default: the checkpoint's]"""
-    random_dataset_size: Optional[int] = None
-    """transitions in the locally generated uniform-random dataset (`*-random-v2`) [default: the checkpoint's]"""
+    dataset_path: str | None = None
+    """a D4RL-format .hdf5 file to fit on instead [default: the checkpoint's]"""
+    random_dataset_size: int | None = None
+    """transitions in the generated `*-random-v2` dataset [default: the checkpoint's]"""
     total_steps: int = 250_000
     """gradient steps"""
     batch_size: int = 256
     """minibatch size per member (each member draws its own)"""
     lr: float = 3e-4
-    """critic learning rate (Adam); the paper's value was lost from its text (SPEC section 9)"""
+    """critic learning rate (Adam)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -64,9 +80,9 @@ class Args:
     mc_episodes: int = 5
     """rollouts per member in each Monte-Carlo check"""
     save_every: int = 25_000
-    """steps between saves of the unfinished run to `{output_path}.partial` (rerunning continues it)"""
-    output_path: Optional[str] = None
-    """where to write the result [default: next to the input, `{checkpoint without .pt}__fqe.pt`]"""
+    """steps between saves of the unfinished run to `{output_path}.partial` (a rerun resumes it)"""
+    output_path: str | None = None
+    """where to write the result [default: `{checkpoint without .pt}__fqe.pt`, next to it]"""
     cuda: bool = torch.cuda.is_available()
     """use CUDA"""
     torch_deterministic: bool = True
@@ -75,22 +91,24 @@ class Args:
     """name of the experiment, part of the run name"""
 
 
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Data: D4RL-style names -> Minari datasets (or a D4RL hdf5 file) -> flat transitions
-# ---------------------------------------------------------------------------------------
-D4RL_NAME = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$")
+# ---------------------------------------------------------------------------------------------
+D4RL_NAME = re.compile(
+    r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$"
+)
 GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
-# D4RL's random / expert returns of the -v2 datasets (SPEC section 6)
-D4RL_REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
-CHECKPOINT_FORMAT = 1
+D4RL_REF_RETURNS = {  # D4RL's (random, expert) returns of the -v2 datasets
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+}
+RANDOM_DATASET_ID = "off2on/{env_name}/random-n{size}-v0"  # made by cql_pretrain.py
+FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations")
 
 
 class DatasetError(ValueError):
     """A dataset that can't be found or read; the message says how to provide it."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match this run; the message names both sides."""
 
 
 @dataclass
@@ -102,19 +120,46 @@ class OfflineData:
     terminations: np.ndarray  # [M] float32: 1 only on a true termination, never on a time limit
     env_spec: gym.envs.registration.EnvSpec  # the environment to evaluate in
     dataset_id: str
-    ref_returns: Optional[tuple[float, float]]  # (random, expert) returns for the normalized score
+    ref_returns: tuple[float, float] | None  # (random, expert) returns of the normalized score
     ref_source: str  # where ref_returns came from
 
     def __len__(self):
         return len(self.rewards)
 
 
+def make_env(env_spec) -> gym.Env:
+    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
+    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
+    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+    default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
+    if not (env_spec.name == "HalfCheetah" and default_xml):
+        return gym.make(env_spec)
+    import gymnasium.envs.mujoco
+    import mujoco
+
+    assets = os.path.join(os.path.dirname(gymnasium.envs.mujoco.__file__), "assets")
+    with open(os.path.join(assets, "half_cheetah.xml")) as f:
+        xml = f.read()
+    total_mass = re.search(r' settotalmass="([^"]+)"', xml)
+    if total_mass is None:  # a Gymnasium without the attribute
+        return gym.make(env_spec)
+    path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
+    with open(path, "w") as f:
+        f.write(xml.replace(total_mass.group(0), ""))
+    env = gym.make(env_spec, xml_file=path)
+    mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
+    mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
+    env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
+    return env
+
+
 def episodes_to_transitions(episodes) -> dict:
-    """Minari episodes (T+1 observations, T actions) -> flat (s, a, r, s', d); none crosses an episode."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminations")}
+    """Minari episodes (T + 1 observations, T actions) -> flat (s, a, r, s', d); no transition
+    crosses an episode boundary."""
+    parts = {k: [] for k in FIELDS}
     for ep in episodes:
         if not isinstance(ep.observations, np.ndarray):
-            raise DatasetError("only flat (Box) observations are supported, this dataset has dict or tuple observations")
+            raise DatasetError("only flat (Box) observations are supported, not dict or tuple ones")
         parts["observations"].append(ep.observations[:-1])
         parts["next_observations"].append(ep.observations[1:])
         parts["actions"].append(ep.actions)
@@ -130,11 +175,11 @@ def load_d4rl_hdf5(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise DatasetError(f"--dataset-path {path} does not exist")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     with h5py.File(path, "r") as f:
-        missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
-        if missing:
+        if missing := [k for k in keys if k not in f]:
             raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
-        d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        d = {k: f[k][()] for k in keys}
         if "next_observations" in f:
             next_obs, keep = f["next_observations"][()], np.ones(len(d["rewards"]), bool)
         else:
@@ -165,59 +210,21 @@ def load_minari_dataset(dataset_id: str):
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:
-        root = get_dataset_path()
+        root, reason = get_dataset_path(), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         raise DatasetError(
             f"Minari dataset '{dataset_id}' is not in {root} and could not be downloaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet: `minari download {dataset_id}`. "
-            f"Without: copy the dataset folder from a machine that has it into {root} (or point MINARI_DATASETS_PATH at it), "
-            f"or pass --dataset-path to a D4RL-format .hdf5 file."
+            f"({reason}). With internet: `minari download {dataset_id}`. Without: copy the "
+            f"dataset folder from a machine that has it into {root} (or point "
+            f"MINARI_DATASETS_PATH at it), or pass --dataset-path to a D4RL-format .hdf5 file."
         ) from None
 
 
-def make_random_dataset(env_name: str, size: int, seed: int = 0):
-    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
-    Minari dataset, so it is made once. (D4RL's random-v2 files can't be downloaded here.)"""
+def load_offline_data(
+    env_id: str, dataset_path: str | None = None, random_dataset_size: int = 1_000_000
+) -> OfflineData:
+    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score refs."""
     import minari
-    from minari.data_collector import EpisodeBuffer
 
-    dataset_id = f"off2on/{env_name}/random-n{size}-v0"
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a generation interrupted while writing: make it again
-        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
-        minari.delete_dataset(dataset_id)
-    env = gym.make(GYM_IDS[env_name])
-    env.action_space.seed(seed)
-    buffers, steps, episode = [], 0, 0
-    t0 = time.time()
-    print(f"Generating {dataset_id}: {size:,} uniform-random steps in {GYM_IDS[env_name]} ...", flush=True)
-    while steps < size:
-        obs, _ = env.reset(seed=seed + episode)
-        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
-        done = False
-        while not done:
-            action = env.action_space.sample()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            steps += 1
-            truncated = truncated or steps == size
-            for k, v in zip(("observations", "actions", "rewards", "terminations", "truncations"), (obs, action, reward, terminated, truncated)):
-                ep[k].append(v)
-            done = terminated or truncated
-            if steps % 100_000 == 0:
-                print(f"  {steps:,}/{size:,} steps ({steps / (time.time() - t0):,.0f} steps/s)", flush=True)
-        buffers.append(EpisodeBuffer(id=episode, **{k: np.asarray(v) for k, v in ep.items()}))
-        episode += 1
-    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
-        dataset_id, buffers, env=env.spec, eval_env=env.spec, algorithm_name="uniform-random policy",
-        author="off2on", author_email="none", code_permalink="cql_pretrain.py",
-        description=f"{size} steps of a uniform-random policy in {GYM_IDS[env_name]} (stands in for D4RL's {env_name}-random-v2)",
-    )
-
-
-def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_dataset_size: int = 1_000_000) -> OfflineData:
-    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score references."""
     name = D4RL_NAME.match(env_id)
     env_name = name.group(1) if name else None
     if dataset_path is not None:  # --env-id only names the environment
@@ -225,53 +232,78 @@ def load_offline_data(env_id: str, dataset_path: Optional[str] = None, random_da
             try:
                 env_spec = gym.spec(env_id)
             except gym.error.Error:
-                raise DatasetError(f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id") from None
-            env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+                msg = f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id"
+                raise DatasetError(msg) from None
+            env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
         else:
             env_spec = gym.spec(GYM_IDS[env_name])
-        transitions, dataset_id, minari_refs = load_d4rl_hdf5(dataset_path), os.path.abspath(dataset_path), None
+        transitions, dataset_id, minari_refs = (
+            load_d4rl_hdf5(dataset_path),
+            os.path.abspath(dataset_path),
+            None,
+        )
     elif name:
         kind = name.group(2)
         if kind == "medium-replay":
             raise DatasetError(
-                f"{env_id} has no Minari equivalent: download D4RL's {env_name}_medium_replay-v2.hdf5 "
-                f"and pass it with --dataset-path (and --env-id {env_id})"
+                f"{env_id} has no Minari equivalent: download D4RL's "
+                f"{env_name}_medium_replay-v2.hdf5 and pass it with --dataset-path"
             )
-        if kind == "random":
-            datasets = [make_random_dataset(env_name, random_dataset_size)]
+        if kind == "random":  # not downloadable: generated here by cql_pretrain.py
+            random_id = RANDOM_DATASET_ID.format(env_name=env_name, size=random_dataset_size)
+            try:
+                datasets = [minari.load_dataset(random_id)]
+            except Exception as e:
+                raise DatasetError(
+                    f"the locally generated dataset {random_id} is missing or unreadable "
+                    f"({type(e).__name__}): make it with `python cql_pretrain.py --env-id {env_id} "
+                    f"--random-dataset-size {random_dataset_size} --dataset-only`"
+                ) from None
         else:  # medium-expert is medium and expert concatenated, as D4RL built it
             datasets = [load_minari_dataset(f"mujoco/{env_name}/{k}-v0") for k in kind.split("-")]
         transitions = episodes_to_transitions(ep for ds in datasets for ep in ds.iterate_episodes())
-        env_spec, dataset_id, minari_refs = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name]), env_id, datasets[0]
+        env_spec = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name])
+        dataset_id, minari_refs = env_id, datasets[0]
     elif "/" in env_id:
         ds = load_minari_dataset(env_id)
         if ds.spec.env_spec is None:
             raise DatasetError(f"Minari dataset {env_id} records no environment to evaluate in")
         env_spec, dataset_id, minari_refs = ds.spec.env_spec, env_id, ds
-        env_name = next((k for k, v in GYM_IDS.items() if v.split("-")[0] == env_spec.name), None)
+        env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
         transitions = episodes_to_transitions(ds.iterate_episodes())
     else:
         raise DatasetError(
-            f"unknown --env-id '{env_id}': expected `{{halfcheetah,hopper,walker2d}}-{{random,medium,expert,medium-expert}}-v2`, "
-            f"a Minari dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id together with --dataset-path FILE.hdf5"
+            f"unknown --env-id '{env_id}': expected "
+            "`{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`, a Minari "
+            "dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id with --dataset-path"
         )
 
     meta = minari_refs.storage.metadata if minari_refs is not None else {}
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref_returns, ref_source = (float(meta["ref_min_score"]), float(meta["ref_max_score"])), "the Minari dataset's ref_min_score/ref_max_score"
+        ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        ref_source = "the Minari dataset's ref_min_score/ref_max_score"
     elif env_name is not None:
         ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
     else:
         ref_returns, ref_source = None, "none (no reference returns for this environment)"
 
-    action_space = gym.make(env_spec).action_space
+    action_space = make_env(env_spec).action_space
     if transitions["actions"].shape[1:] != action_space.shape:
-        raise DatasetError(f"dataset actions have shape {transitions['actions'].shape[1:]}, env {env_spec.id} expects {action_space.shape}")
+        shape = transitions["actions"].shape[1:]
+        raise DatasetError(
+            f"dataset actions have shape {shape}, env {env_spec.id} expects {action_space.shape}"
+        )
     transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
     for key, value in transitions.items():
         if not np.isfinite(value).all():
             raise DatasetError(f"dataset {dataset_id} has non-finite values in {key}")
-    return OfflineData(**transitions, env_spec=env_spec, dataset_id=dataset_id, ref_returns=ref_returns, ref_source=ref_source)
+    return OfflineData(
+        **transitions,
+        env_spec=env_spec,
+        dataset_id=dataset_id,
+        ref_returns=ref_returns,
+        ref_source=ref_source,
+    )
 
 
 def scale_to_unit(actions, action_space):
@@ -291,12 +323,13 @@ def normalized_score(returns, ref_returns):
     return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
 
 
-# ---------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------
-# Networks: every layer holds the weights of all members (SPEC section 0)
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Networks: every layer holds the weights of all N members (docs/algorithm.md, "Vectorized
+# ensembles")
+# ---------------------------------------------------------------------------------------------
 class VectorizedLinear(nn.Module):
-    """N independent linear layers in one: x [N, B, in] -> x @ W + b, W [N, in, out], b [N, 1, out]."""
+    """N independent linear layers in one: x [N, B, in] -> x @ W + b with W [N, in, out] and
+    b [N, 1, out]. `members` (a slice) runs only those members, on x [len(members), B, in]."""
 
     def __init__(self, in_features: int, out_features: int, ensemble_size: int):
         super().__init__()
@@ -306,10 +339,13 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x):
-        if self.weight.shape[-1] == 1:  # one output (a Q-value): a dot product; CPU BLAS is ~50x slower on batched matrix-vector products (README, Speed)
-            return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x, members: slice | None = None):
+        weight, bias = self.weight, self.bias
+        if members is not None:  # not for all: a slice's backward zero-fills the whole gradient
+            weight, bias = weight[members], bias[members]
+        if weight.shape[-1] == 1:  # a Q-value: a dot product (docs/speed.md, "One-output layers")
+            return (x * weight.transpose(1, 2)).sum(-1, keepdim=True) + bias
+        return torch.baddbmm(bias, x, weight)
 
 
 def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) -> nn.Sequential:
@@ -320,26 +356,12 @@ def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) 
     return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
 
 
-class Critic(nn.Module):
-    """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
-    critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
-        super().__init__()
-        self.ensemble_size = ensemble_size
-        self.net = vectorized_mlp(obs_dim + action_dim, hidden_sizes, 1, 2 * ensemble_size)
-
-    def forward(self, obs, actions):
-        x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
-        return self.net(x).view(self.ensemble_size, 2, -1)
-
-
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class Actor(nn.Module):
-    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the pre-tanh
-    Gaussian. The last layer is the mean head and the log-std head side by side."""
+    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the
+    pre-tanh Gaussian. The last layer is the mean head and the log-std head side by side."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
         super().__init__()
@@ -348,6 +370,35 @@ class Actor(nn.Module):
     def forward(self, obs):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Critic(nn.Module):
+    """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
+    critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
+
+    cpu_chunk_rows = 2048  # on CPU, inputs taller than this run one agent at a time
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.ensemble_size = ensemble_size
+        self.net = vectorized_mlp(obs_dim + action_dim, hidden_sizes, 1, 2 * ensemble_size)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
+        if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
+            # the CQL term's 31 actions a state: batched, the activations overflow the CPU cache
+            # (docs/speed.md, "Per-agent chunking of the CQL critic on CPU")
+            agents = [slice(2 * i, 2 * i + 2) for i in range(self.ensemble_size)]
+            q = torch.cat([self.member_forward(x, members) for members in agents])
+        else:
+            q = self.net(x)
+        return q.view(self.ensemble_size, 2, -1)
+
+    def member_forward(self, x, members: slice):
+        x = x[members]
+        for layer in self.net:
+            x = layer(x, members) if isinstance(layer, VectorizedLinear) else layer(x)
+        return x
 
 
 def tanh_gaussian_log_prob(mean, log_std, u):
@@ -364,15 +415,20 @@ def tanh_gaussian_sample(mean, log_std, eps):
     return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
 
 
-# ---------------------------------------------------------------------------------------
-# Fitted Q Evaluation of N fixed actors (SPEC section 9)
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Fitted Q Evaluation of N fixed actors, and what it is checked against
+# ---------------------------------------------------------------------------------------------
 class FQE:
     """Fresh critics fitted to the soft Q-function of each member's fixed actor. The loss is
     summed over members, so each member's gradient (and Adam update) is exactly its own."""
 
-    def __init__(self, actor: Actor, log_alpha, obs_dim, action_dim, hidden_sizes, ensemble_size, gamma=0.99, tau=0.005, lr=3e-4, device="cpu"):
-        self.actor, self.ensemble_size, self.action_dim, self.gamma, self.tau = actor.requires_grad_(False), ensemble_size, action_dim, gamma, tau
+    def __init__(
+        self, actor: Actor, log_alpha, obs_dim, action_dim, hidden_sizes, ensemble_size,
+        gamma=0.99, tau=0.005, lr=3e-4, device="cpu",
+    ):  # fmt: skip
+        self.actor = actor.requires_grad_(False)
+        self.ensemble_size, self.action_dim = ensemble_size, action_dim
+        self.gamma, self.tau = gamma, tau
         self.alpha = log_alpha.exp().to(device)  # [N], fixed
         self.qf = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
         self.qf_target = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
@@ -380,27 +436,43 @@ class FQE:
         self.qf_target.requires_grad_(False)
         self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=lr)
 
-    def loss(self, obs, actions, rewards, next_obs, terminations, noise):
-        """Mean squared Bellman error of both critics of every member against its own target y_i.
-        Inputs [N, B, ...]; noise [N, B, act_dim] draws a' ~ pi_i(.|s')."""
+    def critic_loss(self, obs, actions, rewards, next_obs, terminations, noise):
+        """Each member's Bellman MSE, both critics against the member's own target y_i, summed
+        over members. Inputs [N, B, ...]; noise [N, B, A] draws a' ~ pi_i(.|s')."""
         with torch.no_grad():
             next_actions, next_log_pi = tanh_gaussian_sample(*self.actor(next_obs), noise)
-            next_q = self.qf_target(next_obs, next_actions).min(1).values - self.alpha[:, None] * next_log_pi  # [N, B]
-            target = rewards + self.gamma * (1 - terminations) * next_q
+            next_q = self.qf_target(next_obs, next_actions).min(1).values  # [N, B]
+            soft_next_q = next_q - self.alpha[:, None] * next_log_pi
+            target = rewards + self.gamma * (1 - terminations) * soft_next_q
         q = self.qf(obs, actions)  # [N, 2, B]
         bellman_loss = ((q - target[:, None]) ** 2).mean(-1)  # [N, 2]
         return bellman_loss.sum(), {"fqe_loss": bellman_loss.mean(), "q_data": q.mean()}
 
     def update(self, batch) -> dict:
-        """One gradient step of every member's critics, then the soft target update."""
+        """One gradient step of every member's critics, then the soft target update.
+        batch: (s, a, r, s', d), each [N, B, ...]."""
         obs = batch[0]
-        loss, logs = self.loss(*batch, torch.randn(*obs.shape[:2], self.action_dim, device=obs.device))
+        noise = torch.randn(*obs.shape[:2], self.action_dim, device=obs.device)
+        loss, logs = self.critic_loss(*batch, noise)
         self.qf_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.qf_optimizer.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.tau)
+            targets, params = list(self.qf_target.parameters()), list(self.qf.parameters())
+            torch._foreach_lerp_(targets, params, self.tau)
         return {k: v.detach() for k, v in logs.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "qf": self.qf.state_dict(),
+            "qf_target": self.qf_target.state_dict(),
+            "qf_optimizer": self.qf_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict):
+        self.qf.load_state_dict(state["qf"])
+        self.qf_target.load_state_dict(state["qf_target"])
+        self.qf_optimizer.load_state_dict(state["qf_optimizer"])
 
 
 @torch.no_grad()
@@ -412,7 +484,9 @@ def q_data_and_random(qf: Critic, obs, actions) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def monte_carlo_check(actor: Actor, critics: dict, alpha, envs: list, gamma: float, seed: int, device) -> dict:
+def monte_carlo_check(
+    actor: Actor, critics: dict, alpha, envs: list, gamma: float, seed: int, device
+) -> dict:
     """Roll out each member's stochastic policy from the env's start states (E envs per member,
     all in lockstep) and compare min_k Q_ik(s_0, a_0) with the discounted soft return that Q
     estimates, G_0 = sum_t gamma^t r_t - alpha_i sum_{t>=1} gamma^t log pi_i(a_t|s_t).
@@ -425,53 +499,67 @@ def monte_carlo_check(actor: Actor, critics: dict, alpha, envs: list, gamma: flo
     while active.any():
         x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(N, E, -1)
         mean, log_std = actor(x)
-        actions, log_pi = tanh_gaussian_sample(mean, log_std, torch.randn(mean.shape, device=device, generator=generator))
+        eps = torch.randn(mean.shape, device=device, generator=generator)
+        actions, log_pi = tanh_gaussian_sample(mean, log_std, eps)  # [N, E, A], [N, E]
         if not q_start:  # t = 0
-            q_start = {name: qf(x, actions).min(1).values.mean(1).cpu().numpy() for name, qf in critics.items()}
+            for name, qf in critics.items():
+                q_start[name] = qf(x, actions).min(1).values.mean(1).cpu().numpy()
         else:
             returns -= active * discount * alphas * log_pi.flatten().cpu().numpy()
         actions = actions.flatten(0, 1).cpu().numpy()
         for j in np.flatnonzero(active):
-            obs[j], reward, terminated, truncated, _ = envs[j].step(scale_to_env(actions[j], action_space))
+            action = scale_to_env(actions[j], action_space)
+            obs[j], reward, terminated, truncated, _ = envs[j].step(action)
             returns[j] += discount[j] * reward
             active[j] = not (terminated or truncated)
         discount *= gamma
     return {"mc_return": returns.reshape(N, E).mean(1), **q_start}
 
 
-# ---------------------------------------------------------------------------------------
-# Checkpoints (SPEC section 5)
-# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and arguments
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match this run; the message names both sides."""
+
+
 def save_checkpoint(path: str, checkpoint: dict):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read on the CPU; load_state_dict moves tensors to the device."""
+    """Read on the CPU (RNG states must stay there); load_state_dict moves tensors to the device."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
     return checkpoint
 
 
 def check_checkpoint_matches(metadata: dict, expected: dict, path: str):
-    """Fail with both values named when a checkpoint was made for another env, dataset or network."""
+    """Fail, naming both values, when a checkpoint was made for another env, data or network."""
     for key, value in expected.items():
         if metadata.get(key) != value:
-            raise CheckpointError(f"checkpoint {path} has {key}={metadata.get(key)!r}, but this run has {key}={value!r}")
+            saved = f"{key}={metadata.get(key)!r}"
+            raise CheckpointError(
+                f"checkpoint {path} has {saved}, but this run has {key}={value!r}"
+            )
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), **cuda}
 
 
 def restore_rng_state(state: dict):
@@ -486,20 +574,27 @@ def default_output_path(checkpoint: str) -> str:
 
 def validate_args(args: Args):
     if not args.checkpoint:
-        raise ValueError("--checkpoint is required: the CQL checkpoint (from cql_pretrain.py) whose actors FQE evaluates")
-    for name in ("total_steps", "batch_size", "log_every", "eval_every", "mc_episodes", "save_every"):
+        raise ValueError(
+            "--checkpoint is required: the cql_pretrain.py checkpoint whose actors FQE evaluates"
+        )
+    for name in "total_steps batch_size log_every eval_every mc_episodes save_every".split():
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def dataset_of(args: Args, metadata: dict) -> tuple[str, Optional[str], int]:
-    """--env-id / --dataset-path / --random-dataset-size, each defaulting to the checkpoint's own."""
+def dataset_of(args: Args, metadata: dict) -> tuple[str, str | None, int]:
+    """--env-id / --dataset-path / --random-dataset-size, each defaulting to the checkpoint's."""
     saved = metadata.get("args", {})
     if args.env_id is None and "env_id" not in saved:
-        raise CheckpointError(f"{args.checkpoint} records no dataset: pass --env-id (and --dataset-path if it was a file)")
+        raise CheckpointError(
+            f"{args.checkpoint} records no dataset: pass --env-id (and --dataset-path if it was "
+            "a file)"
+        )
     env_id = args.env_id or saved["env_id"]
-    dataset_path = args.dataset_path if args.dataset_path or args.env_id else saved.get("dataset_path")
-    return env_id, dataset_path, args.random_dataset_size or saved.get("random_dataset_size") or 1_000_000
+    saved_path = None if args.env_id else saved.get("dataset_path")  # not with another --env-id
+    dataset_path = args.dataset_path or saved_path
+    random_dataset_size = args.random_dataset_size or saved.get("random_dataset_size") or 1_000_000
+    return env_id, dataset_path, random_dataset_size
 
 
 if __name__ == "__main__":
@@ -509,12 +604,16 @@ if __name__ == "__main__":
         output_path = args.output_path or default_output_path(args.checkpoint)
         partial_path = f"{output_path}.partial"
         if os.path.exists(output_path):
-            raise ValueError(f"{output_path} exists: delete it, or pass --output-path to write elsewhere")
+            raise ValueError(
+                f"{output_path} exists: delete it, or pass --output-path to write elsewhere"
+            )
         cql = load_checkpoint(args.checkpoint)
         meta = cql["metadata"]
-        data = load_offline_data(*dataset_of(args, meta))
+        env_id, dataset_path, random_dataset_size = dataset_of(args, meta)
+        data = load_offline_data(env_id, dataset_path, random_dataset_size)
         obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
-        check_checkpoint_matches(meta, {"env_id": data.env_spec.id, "obs_dim": obs_dim, "action_dim": action_dim}, args.checkpoint)
+        expected = {"env_id": data.env_spec.id, "obs_dim": obs_dim, "action_dim": action_dim}
+        check_checkpoint_matches(meta, expected, args.checkpoint)
     except ValueError as e:  # DatasetError and CheckpointError included
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -526,21 +625,25 @@ if __name__ == "__main__":
     actor.load_state_dict(cql["actor"])
     cql_qf = Critic(obs_dim, action_dim, hidden_sizes, N).to(device).requires_grad_(False)
     cql_qf.load_state_dict(cql["qf"])
-    fqe = FQE(actor, cql["log_alpha"], obs_dim, action_dim, hidden_sizes, N, args.gamma, args.tau, args.lr, device)
-    # the output: the CQL checkpoint with its critics replaced (SPEC section 5)
-    metadata = {**meta, "dataset_id": data.dataset_id, "critic_source": "fqe",
-                "fqe_args": {k: v for k, v in asdict(args).items()}}
+    fqe = FQE(
+        actor, cql["log_alpha"], obs_dim, action_dim, hidden_sizes, N, args.gamma, args.tau,
+        args.lr, device,
+    )  # fmt: skip
+    # the output: the CQL checkpoint with its critics replaced
+    metadata = {**meta, "dataset_id": data.dataset_id, "critic_source": "fqe"}
+    metadata["fqe_args"] = asdict(args)
 
-    start_step, run_name = 0, f"{data.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if os.path.exists(partial_path):
+    start_step, run_name = 0, f"{data.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
+    run_name += f"__{int(time.time())}"
+    if os.path.exists(partial_path):  # a rerun continues the unfinished run
+        keys = ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")
         try:
             state = load_checkpoint(partial_path)
-            check_checkpoint_matches(state["metadata"], {k: metadata[k] for k in ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")}, partial_path)
+            expected = {k: metadata[k] for k in keys}
+            check_checkpoint_matches(state["metadata"], expected, partial_path)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
-        fqe.qf.load_state_dict(state["qf"])
-        fqe.qf_target.load_state_dict(state["qf_target"])
-        fqe.qf_optimizer.load_state_dict(state["qf_optimizer"])
+        fqe.load_state_dict(state)
         start_step, run_name = state["global_step"], state["run_name"]
         restore_rng_state(state["rng"])
         print(f"Continuing {partial_path} at step {start_step:,}")
@@ -548,55 +651,87 @@ if __name__ == "__main__":
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"FQE of the {N} actors of {args.checkpoint} on {data.dataset_id} ({len(data):,} transitions, env {data.env_spec.id}), "
-          f"alpha fixed at {np.array2string(fqe.alpha.cpu().numpy(), precision=4)}; {device}; logs in runs/{run_name}")
-    dataset = [torch.as_tensor(x, device=device) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminations)]
-    mc_envs = [gym.make(data.env_spec) for _ in range(N * args.mc_episodes)]
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    alphas = np.array2string(fqe.alpha.cpu().numpy(), precision=4)
+    print(
+        f"FQE of the {N} actors of {args.checkpoint} on {data.dataset_id} ({len(data):,} "
+        f"transitions, env {data.env_spec.id}), alpha fixed at {alphas}; {device}; "
+        f"logs in runs/{run_name}"
+    )
+    dataset = [torch.as_tensor(getattr(data, field), device=device) for field in FIELDS]
+    mc_envs = [make_env(data.env_spec) for _ in range(N * args.mc_episodes)]
 
     def save(path, step):
-        save_checkpoint(path, {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, "actor": cql["actor"], "log_alpha": cql["log_alpha"],
-                               "qf": fqe.qf.state_dict(), "qf_target": fqe.qf_target.state_dict(), "qf_optimizer": fqe.qf_optimizer.state_dict(),
-                               "global_step": step, "run_name": run_name, "rng": rng_state()})
+        checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+        checkpoint |= {"actor": cql["actor"], "log_alpha": cql["log_alpha"], **fqe.state_dict()}
+        state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
+        save_checkpoint(path, {**checkpoint, **state})
 
     start_time, last_step = time.time(), start_step
     for step in range(start_step + 1, args.total_steps + 1):
-        idx = torch.randint(len(data), (N, args.batch_size), device=device)  # each member its own minibatch
+        # ALGO LOGIC: each member its own minibatch, one FQE step of all N
+        idx = torch.randint(len(data), (N, args.batch_size), device=device)
         batch = [x[idx] for x in dataset]
         logs = fqe.update(batch)
 
+        # LOG the loss, and how each critic ranks the data's actions against random ones
         last = step == args.total_steps
         if step % args.log_every == 0 or last:
             logs = {k: v.item() for k, v in logs.items()}
             if not all(math.isfinite(v) for v in logs.values()):
-                raise SystemExit(f"error: non-finite FQE loss at step {step} ({logs}); progress up to the last save is in {partial_path}. "
-                                 f"Try a lower --lr")
-            (fqe_data, fqe_random), (cql_data, cql_random) = (q_data_and_random(qf, batch[0], batch[1]) for qf in (fqe.qf, cql_qf))
+                raise SystemExit(
+                    f"error: non-finite FQE loss at step {step} ({logs}); progress up to the "
+                    f"last save is in {partial_path}. Try a lower --lr"
+                )
+            fqe_data, fqe_random = q_data_and_random(fqe.qf, batch[0], batch[1])
+            cql_data, cql_random = q_data_and_random(cql_qf, batch[0], batch[1])
             sps = int((step - last_step) / (time.time() - start_time))
             start_time, last_step = time.time(), step
-            for tag, value in {"losses/fqe_loss": logs["fqe_loss"], "charts/fqe_q_data": fqe_data, "charts/fqe_q_random": fqe_random,
-                               "charts/cql_q_data": cql_data, "charts/cql_q_random": cql_random, "charts/SPS": sps}.items():
-                writer.add_scalar(tag, value, step)
-            print(f"step {step:,}/{args.total_steps:,} | fqe loss {logs['fqe_loss']:.4f} | Q data/random: FQE {fqe_data:.2f}/{fqe_random:.2f}, "
-                  f"CQL {cql_data:.2f}/{cql_random:.2f} | {sps} SPS", flush=True)
+            writer.add_scalar("losses/fqe_loss", logs["fqe_loss"], step)
+            writer.add_scalar("charts/fqe_q_data", fqe_data, step)
+            writer.add_scalar("charts/fqe_q_random", fqe_random, step)
+            writer.add_scalar("charts/cql_q_data", cql_data, step)
+            writer.add_scalar("charts/cql_q_random", cql_random, step)
+            writer.add_scalar("charts/SPS", sps, step)
+            print(
+                f"step {step:,}/{args.total_steps:,} | fqe loss {logs['fqe_loss']:.4f} | "
+                f"Q data/random: FQE {fqe_data:.2f}/{fqe_random:.2f}, "
+                f"CQL {cql_data:.2f}/{cql_random:.2f} | {sps} SPS",
+                flush=True,
+            )
 
+        # MONTE-CARLO CHECK of both critics at start states (SPS counts training only)
         if step % args.eval_every == 0 or last:
             eval_start = time.time()
-            mc = monte_carlo_check(actor, {"fqe": fqe.qf, "cql": cql_qf}, fqe.alpha, mc_envs, args.gamma, args.seed + 10_000, device)
-            for name in ("fqe", "cql"):
+            critics = {"fqe": fqe.qf, "cql": cql_qf}
+            mc = monte_carlo_check(
+                actor, critics, fqe.alpha, mc_envs, args.gamma, args.seed + 10_000, device
+            )
+            for name in critics:
                 writer.add_scalar(f"eval/{name}_q_start", mc[name].mean(), step)
                 writer.add_scalar(f"eval/{name}_q_vs_mc", (mc[name] - mc["mc_return"]).mean(), step)
             writer.add_scalar("eval/mc_return", mc["mc_return"].mean(), step)
-            print(f"Monte-Carlo check at step {step:,}: discounted soft return {mc['mc_return'].mean():.2f}, Q(s0, a0): "
-                  f"FQE {mc['fqe'].mean():.2f}, CQL {mc['cql'].mean():.2f} (per member: MC {np.array2string(mc['mc_return'], precision=1)}, "
-                  f"FQE {np.array2string(mc['fqe'], precision=1)})", flush=True)
-            start_time += time.time() - eval_start  # SPS counts training only
+            members = {k: np.array2string(mc[k], precision=1) for k in ("mc_return", "fqe")}
+            print(
+                f"Monte-Carlo check at step {step:,}: discounted soft return "
+                f"{mc['mc_return'].mean():.2f}, Q(s0, a0): FQE {mc['fqe'].mean():.2f}, "
+                f"CQL {mc['cql'].mean():.2f} (per member: MC {members['mc_return']}, "
+                f"FQE {members['fqe']})",
+                flush=True,
+            )
+            start_time += time.time() - eval_start
 
+        # SAVE the unfinished run; a rerun continues it
         if step % args.save_every == 0 and not last:
             save(partial_path, step)
     save(output_path, args.total_steps)
     if os.path.exists(partial_path):
         os.remove(partial_path)
     writer.close()
-    print(f"Wrote {output_path}: fine-tune from it with `python off2on_finetune.py --env-id {args.env_id or meta['args']['env_id']} "
-          f"--ensemble-size {N} --checkpoint {output_path}`")
+    command = f"python off2on_finetune.py --env-id {env_id} --ensemble-size {N}"
+    if dataset_path:
+        command += f" --dataset-path {dataset_path}"
+    elif (d4rl := D4RL_NAME.match(env_id)) and d4rl.group(2) == "random":
+        command += f" --random-dataset-size {random_dataset_size}"
+    print(f"Wrote {output_path}: fine-tune from it with `{command} --checkpoint {output_path}`")
