@@ -109,23 +109,10 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: D4RL-style names -> Minari datasets (or a D4RL hdf5 file) -> flat transitions
+# Data: the offline transitions the algorithm reads (filled by load_offline_data, near
+# the end of the file)
 # ---------------------------------------------------------------------------------------------
-D4RL_NAME = re.compile(
-    r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$"
-)
-GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
-D4RL_REF_RETURNS = {  # D4RL's (random, expert) returns of the -v2 datasets
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-}
-RANDOM_DATASET_ID = "off2on/{env_name}/random-n{size}-v0"  # made by cql_pretrain.py
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations")
-
-
-class DatasetError(ValueError):
-    """A dataset that can't be found or read; the message says how to provide it."""
 
 
 @dataclass
@@ -142,258 +129,6 @@ class OfflineData:
 
     def __len__(self):
         return len(self.rewards)
-
-
-def make_env(env_spec) -> gym.Env:
-    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
-    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
-    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
-    default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
-    if not (env_spec.name == "HalfCheetah" and default_xml):
-        return gym.make(env_spec)
-    import gymnasium.envs.mujoco
-    import mujoco
-
-    assets = os.path.join(os.path.dirname(gymnasium.envs.mujoco.__file__), "assets")
-    with open(os.path.join(assets, "half_cheetah.xml")) as f:
-        xml = f.read()
-    total_mass = re.search(r' settotalmass="([^"]+)"', xml)
-    if total_mass is None:  # a Gymnasium without the attribute
-        return gym.make(env_spec)
-    path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
-    with open(path, "w") as f:
-        f.write(xml.replace(total_mass.group(0), ""))
-    env = gym.make(env_spec, xml_file=path)
-    mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
-    mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
-    env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
-    return env
-
-
-def episodes_to_transitions(episodes) -> dict:
-    """Minari episodes (T + 1 observations, T actions) -> flat (s, a, r, s', d); no transition
-    crosses an episode boundary."""
-    parts = {k: [] for k in FIELDS}
-    for ep in episodes:
-        if not isinstance(ep.observations, np.ndarray):
-            raise DatasetError("only flat (Box) observations are supported, not dict or tuple ones")
-        parts["observations"].append(ep.observations[:-1])
-        parts["next_observations"].append(ep.observations[1:])
-        parts["actions"].append(ep.actions)
-        parts["rewards"].append(ep.rewards)
-        parts["terminations"].append(ep.terminations)
-    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-
-
-def load_d4rl_hdf5(path: str) -> dict:
-    """A D4RL-format file -> flat transitions. Without `next_observations`, s' is the next row,
-    so the last step of an episode cut by a time limit (its s' is unknown) is dropped."""
-    import h5py
-
-    if not os.path.isfile(path):
-        raise DatasetError(f"--dataset-path {path} does not exist")
-    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
-    with h5py.File(path, "r") as f:
-        if missing := [k for k in keys if k not in f]:
-            raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
-        d = {k: f[k][()] for k in keys}
-        if "next_observations" in f:
-            next_obs, keep = f["next_observations"][()], np.ones(len(d["rewards"]), bool)
-        else:
-            next_obs = np.concatenate([d["observations"][1:], d["observations"][-1:]])
-            keep = ~d["timeouts"].astype(bool)
-            keep[-1] = False
-    return {
-        "observations": d["observations"][keep].astype(np.float32),
-        "actions": d["actions"][keep].astype(np.float32),
-        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
-        "next_observations": next_obs[keep].astype(np.float32),
-        "terminations": d["terminals"][keep].astype(np.float32).reshape(-1),
-    }
-
-
-def load_minari_dataset(dataset_id: str):
-    """A local Minari dataset, downloaded first if missing; a clear error where that fails."""
-    import minari
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    except ValueError as e:
-        raise DatasetError(f"'{dataset_id}' is not a valid Minari dataset id ({e})") from None
-    print(f"Minari dataset {dataset_id} is not local: downloading it ...", flush=True)
-    try:
-        return minari.load_dataset(dataset_id, download=True)
-    except Exception as e:
-        root, reason = get_dataset_path(), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        raise DatasetError(
-            f"Minari dataset '{dataset_id}' is not in {root} and could not be downloaded "
-            f"({reason}). With internet: `minari download {dataset_id}`. Without: copy the "
-            f"dataset folder from a machine that has it into {root} (or point "
-            f"MINARI_DATASETS_PATH at it), or pass --dataset-path to a D4RL-format .hdf5 file."
-        ) from None
-
-
-def load_offline_data(
-    env_id: str, dataset_path: str | None = None, random_dataset_size: int = 1_000_000
-) -> OfflineData:
-    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score refs."""
-    import minari
-
-    name = D4RL_NAME.match(env_id)
-    env_name = name.group(1) if name else None
-    if dataset_path is not None:  # --env-id only names the environment
-        if env_name is None:
-            try:
-                env_spec = gym.spec(env_id)
-            except gym.error.Error:
-                msg = f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id"
-                raise DatasetError(msg) from None
-            env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
-        else:
-            env_spec = gym.spec(GYM_IDS[env_name])
-        transitions, dataset_id, minari_refs = (
-            load_d4rl_hdf5(dataset_path),
-            os.path.abspath(dataset_path),
-            None,
-        )
-    elif name:
-        kind = name.group(2)
-        if kind == "medium-replay":
-            raise DatasetError(
-                f"{env_id} has no Minari equivalent: download D4RL's "
-                f"{env_name}_medium_replay-v2.hdf5 and pass it with --dataset-path"
-            )
-        if kind == "random":  # not downloadable: generated here by cql_pretrain.py
-            random_id = RANDOM_DATASET_ID.format(env_name=env_name, size=random_dataset_size)
-            try:
-                datasets = [minari.load_dataset(random_id)]
-            except Exception as e:
-                raise DatasetError(
-                    f"the locally generated dataset {random_id} is missing or unreadable "
-                    f"({type(e).__name__}): make it with `python cql_pretrain.py --env-id {env_id} "
-                    f"--random-dataset-size {random_dataset_size} --dataset-only`"
-                ) from None
-        else:  # medium-expert is medium and expert concatenated, as D4RL built it
-            datasets = [load_minari_dataset(f"mujoco/{env_name}/{k}-v0") for k in kind.split("-")]
-        transitions = episodes_to_transitions(ep for ds in datasets for ep in ds.iterate_episodes())
-        env_spec = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name])
-        dataset_id, minari_refs = env_id, datasets[0]
-    elif "/" in env_id:
-        ds = load_minari_dataset(env_id)
-        if ds.spec.env_spec is None:
-            raise DatasetError(f"Minari dataset {env_id} records no environment to evaluate in")
-        env_spec, dataset_id, minari_refs = ds.spec.env_spec, env_id, ds
-        env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
-        transitions = episodes_to_transitions(ds.iterate_episodes())
-    else:
-        raise DatasetError(
-            f"unknown --env-id '{env_id}': expected "
-            "`{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`, a Minari "
-            "dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id with --dataset-path"
-        )
-
-    meta = minari_refs.storage.metadata if minari_refs is not None else {}
-    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
-        ref_source = "the Minari dataset's ref_min_score/ref_max_score"
-    elif env_name is not None:
-        ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
-    else:
-        ref_returns, ref_source = None, "none (no reference returns for this environment)"
-
-    action_space = make_env(env_spec).action_space
-    if transitions["actions"].shape[1:] != action_space.shape:
-        shape = transitions["actions"].shape[1:]
-        raise DatasetError(
-            f"dataset actions have shape {shape}, env {env_spec.id} expects {action_space.shape}"
-        )
-    transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
-    for key, value in transitions.items():
-        if not np.isfinite(value).all():
-            raise DatasetError(f"dataset {dataset_id} has non-finite values in {key}")
-    return OfflineData(
-        **transitions,
-        env_spec=env_spec,
-        dataset_id=dataset_id,
-        ref_returns=ref_returns,
-        ref_source=ref_source,
-    )
-
-
-def scale_to_unit(actions, action_space):
-    """Env action bounds -> [-1, 1] (identity for the MuJoCo locomotion envs)."""
-    low, high = action_space.low, action_space.high
-    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
-
-
-def scale_to_env(actions, action_space):
-    """[-1, 1] -> env action bounds."""
-    low, high = action_space.low, action_space.high
-    return low + (actions + 1) * (high - low) / 2
-
-
-def normalized_score(returns, ref_returns):
-    """D4RL-normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
-
-
-def make_random_dataset(env_name: str, size: int, seed: int = 0):
-    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
-    Minari dataset, once: it stands in for D4RL's random-v2 files, which can't be downloaded."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
-    dataset_id = RANDOM_DATASET_ID.format(env_name=env_name, size=size)
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a generation interrupted while writing: make it again
-        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
-        minari.delete_dataset(dataset_id)
-    env = make_env(gym.spec(GYM_IDS[env_name]))
-    env.action_space.seed(seed)
-    buffers, steps, start_time = [], 0, time.time()
-    print(
-        f"Generating {dataset_id}: {size:,} uniform-random steps in {env.spec.id} ...", flush=True
-    )
-    while steps < size:
-        obs, _ = env.reset(seed=seed + len(buffers))
-        ep = {
-            "observations": [obs],
-            "actions": [],
-            "rewards": [],
-            "terminations": [],
-            "truncations": [],
-        }
-        done = False
-        while not done:
-            action = env.action_space.sample()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            steps += 1
-            truncated = truncated or steps == size
-            for k, v in zip(ep, (obs, action, reward, terminated, truncated)):
-                ep[k].append(v)
-            done = terminated or truncated
-            if steps % 100_000 == 0:
-                rate = steps / (time.time() - start_time)
-                print(f"  {steps:,}/{size:,} steps ({rate:,.0f} steps/s)", flush=True)
-        buffers.append(EpisodeBuffer(id=len(buffers), **{k: np.asarray(v) for k, v in ep.items()}))
-    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
-        dataset_id,
-        buffers,
-        env=env,
-        eval_env=env.spec,
-        algorithm_name="uniform-random policy",
-        author="off2on",
-        author_email="none",
-        code_permalink="cql_pretrain.py",
-        description=f"{size} steps of a uniform-random policy in {env.spec.id} "
-        f"(stands in for D4RL's {env_name}-random-v2)",
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +403,278 @@ class CQLEnsemble:
 
 
 # ---------------------------------------------------------------------------------------------
+# Datasets and environments: D4RL-style names -> Minari datasets (or a D4RL hdf5 file)
+# -> flat transitions
+# ---------------------------------------------------------------------------------------------
+D4RL_NAME = re.compile(
+    r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$"
+)
+GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+D4RL_REF_RETURNS = {  # D4RL's (random, expert) returns of the -v2 datasets
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+}
+RANDOM_DATASET_ID = "off2on/{env_name}/random-n{size}-v0"  # made by cql_pretrain.py
+
+
+class DatasetError(ValueError):
+    """A dataset that can't be found or read; the message says how to provide it."""
+
+
+def make_env(env_spec) -> gym.Env:
+    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
+    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
+    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+    default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
+    if not (env_spec.name == "HalfCheetah" and default_xml):
+        return gym.make(env_spec)
+    import gymnasium.envs.mujoco
+    import mujoco
+
+    assets = os.path.join(os.path.dirname(gymnasium.envs.mujoco.__file__), "assets")
+    with open(os.path.join(assets, "half_cheetah.xml")) as f:
+        xml = f.read()
+    total_mass = re.search(r' settotalmass="([^"]+)"', xml)
+    if total_mass is None:  # a Gymnasium without the attribute
+        return gym.make(env_spec)
+    path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
+    with open(path, "w") as f:
+        f.write(xml.replace(total_mass.group(0), ""))
+    env = gym.make(env_spec, xml_file=path)
+    mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
+    mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
+    env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
+    return env
+
+
+def episodes_to_transitions(episodes) -> dict:
+    """Minari episodes (T + 1 observations, T actions) -> flat (s, a, r, s', d); no transition
+    crosses an episode boundary."""
+    parts = {k: [] for k in FIELDS}
+    for ep in episodes:
+        if not isinstance(ep.observations, np.ndarray):
+            raise DatasetError("only flat (Box) observations are supported, not dict or tuple ones")
+        parts["observations"].append(ep.observations[:-1])
+        parts["next_observations"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions)
+        parts["rewards"].append(ep.rewards)
+        parts["terminations"].append(ep.terminations)
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
+def load_d4rl_hdf5(path: str) -> dict:
+    """A D4RL-format file -> flat transitions. Without `next_observations`, s' is the next row,
+    so the last step of an episode cut by a time limit (its s' is unknown) is dropped."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"--dataset-path {path} does not exist")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+    with h5py.File(path, "r") as f:
+        if missing := [k for k in keys if k not in f]:
+            raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
+        d = {k: f[k][()] for k in keys}
+        if "next_observations" in f:
+            next_obs, keep = f["next_observations"][()], np.ones(len(d["rewards"]), bool)
+        else:
+            next_obs = np.concatenate([d["observations"][1:], d["observations"][-1:]])
+            keep = ~d["timeouts"].astype(bool)
+            keep[-1] = False
+    return {
+        "observations": d["observations"][keep].astype(np.float32),
+        "actions": d["actions"][keep].astype(np.float32),
+        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
+        "next_observations": next_obs[keep].astype(np.float32),
+        "terminations": d["terminals"][keep].astype(np.float32).reshape(-1),
+    }
+
+
+def load_minari_dataset(dataset_id: str):
+    """A local Minari dataset, downloaded first if missing; a clear error where that fails."""
+    import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except ValueError as e:
+        raise DatasetError(f"'{dataset_id}' is not a valid Minari dataset id ({e})") from None
+    print(f"Minari dataset {dataset_id} is not local: downloading it ...", flush=True)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:
+        root, reason = get_dataset_path(), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise DatasetError(
+            f"Minari dataset '{dataset_id}' is not in {root} and could not be downloaded "
+            f"({reason}). With internet: `minari download {dataset_id}`. Without: copy the "
+            f"dataset folder from a machine that has it into {root} (or point "
+            f"MINARI_DATASETS_PATH at it), or pass --dataset-path to a D4RL-format .hdf5 file."
+        ) from None
+
+
+def load_offline_data(
+    env_id: str, dataset_path: str | None = None, random_dataset_size: int = 1_000_000
+) -> OfflineData:
+    """Resolve `--env-id` / `--dataset-path` to transitions, the eval env and the score refs."""
+    import minari
+
+    name = D4RL_NAME.match(env_id)
+    env_name = name.group(1) if name else None
+    if dataset_path is not None:  # --env-id only names the environment
+        if env_name is None:
+            try:
+                env_spec = gym.spec(env_id)
+            except gym.error.Error:
+                msg = f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id"
+                raise DatasetError(msg) from None
+            env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
+        else:
+            env_spec = gym.spec(GYM_IDS[env_name])
+        transitions, dataset_id, minari_refs = (
+            load_d4rl_hdf5(dataset_path),
+            os.path.abspath(dataset_path),
+            None,
+        )
+    elif name:
+        kind = name.group(2)
+        if kind == "medium-replay":
+            raise DatasetError(
+                f"{env_id} has no Minari equivalent: download D4RL's "
+                f"{env_name}_medium_replay-v2.hdf5 and pass it with --dataset-path"
+            )
+        if kind == "random":  # not downloadable: generated here by cql_pretrain.py
+            random_id = RANDOM_DATASET_ID.format(env_name=env_name, size=random_dataset_size)
+            try:
+                datasets = [minari.load_dataset(random_id)]
+            except Exception as e:
+                raise DatasetError(
+                    f"the locally generated dataset {random_id} is missing or unreadable "
+                    f"({type(e).__name__}): make it with `python cql_pretrain.py --env-id {env_id} "
+                    f"--random-dataset-size {random_dataset_size} --dataset-only`"
+                ) from None
+        else:  # medium-expert is medium and expert concatenated, as D4RL built it
+            datasets = [load_minari_dataset(f"mujoco/{env_name}/{k}-v0") for k in kind.split("-")]
+        transitions = episodes_to_transitions(ep for ds in datasets for ep in ds.iterate_episodes())
+        env_spec = datasets[0].spec.env_spec or gym.spec(GYM_IDS[env_name])
+        dataset_id, minari_refs = env_id, datasets[0]
+    elif "/" in env_id:
+        ds = load_minari_dataset(env_id)
+        if ds.spec.env_spec is None:
+            raise DatasetError(f"Minari dataset {env_id} records no environment to evaluate in")
+        env_spec, dataset_id, minari_refs = ds.spec.env_spec, env_id, ds
+        env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
+        transitions = episodes_to_transitions(ds.iterate_episodes())
+    else:
+        raise DatasetError(
+            f"unknown --env-id '{env_id}': expected "
+            "`{halfcheetah,hopper,walker2d}-{random,medium,expert,medium-expert}-v2`, a Minari "
+            "dataset id such as mujoco/hopper/expert-v0, or a Gymnasium env id with --dataset-path"
+        )
+
+    meta = minari_refs.storage.metadata if minari_refs is not None else {}
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        ref_source = "the Minari dataset's ref_min_score/ref_max_score"
+    elif env_name is not None:
+        ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
+    else:
+        ref_returns, ref_source = None, "none (no reference returns for this environment)"
+
+    action_space = make_env(env_spec).action_space
+    if transitions["actions"].shape[1:] != action_space.shape:
+        shape = transitions["actions"].shape[1:]
+        raise DatasetError(
+            f"dataset actions have shape {shape}, env {env_spec.id} expects {action_space.shape}"
+        )
+    transitions["actions"] = scale_to_unit(transitions["actions"], action_space)
+    for key, value in transitions.items():
+        if not np.isfinite(value).all():
+            raise DatasetError(f"dataset {dataset_id} has non-finite values in {key}")
+    return OfflineData(
+        **transitions,
+        env_spec=env_spec,
+        dataset_id=dataset_id,
+        ref_returns=ref_returns,
+        ref_source=ref_source,
+    )
+
+
+def scale_to_unit(actions, action_space):
+    """Env action bounds -> [-1, 1] (identity for the MuJoCo locomotion envs)."""
+    low, high = action_space.low, action_space.high
+    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+
+
+def scale_to_env(actions, action_space):
+    """[-1, 1] -> env action bounds."""
+    low, high = action_space.low, action_space.high
+    return low + (actions + 1) * (high - low) / 2
+
+
+def normalized_score(returns, ref_returns):
+    """D4RL-normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
+
+
+def make_random_dataset(env_name: str, size: int, seed: int = 0):
+    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
+    Minari dataset, once: it stands in for D4RL's random-v2 files, which can't be downloaded."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    dataset_id = RANDOM_DATASET_ID.format(env_name=env_name, size=size)
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a generation interrupted while writing: make it again
+        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
+        minari.delete_dataset(dataset_id)
+    env = make_env(gym.spec(GYM_IDS[env_name]))
+    env.action_space.seed(seed)
+    buffers, steps, start_time = [], 0, time.time()
+    print(
+        f"Generating {dataset_id}: {size:,} uniform-random steps in {env.spec.id} ...", flush=True
+    )
+    while steps < size:
+        obs, _ = env.reset(seed=seed + len(buffers))
+        ep = {
+            "observations": [obs],
+            "actions": [],
+            "rewards": [],
+            "terminations": [],
+            "truncations": [],
+        }
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            steps += 1
+            truncated = truncated or steps == size
+            for k, v in zip(ep, (obs, action, reward, terminated, truncated)):
+                ep[k].append(v)
+            done = terminated or truncated
+            if steps % 100_000 == 0:
+                rate = steps / (time.time() - start_time)
+                print(f"  {steps:,}/{size:,} steps ({rate:,.0f} steps/s)", flush=True)
+        buffers.append(EpisodeBuffer(id=len(buffers), **{k: np.asarray(v) for k, v in ep.items()}))
+    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
+        dataset_id,
+        buffers,
+        env=env,
+        eval_env=env.spec,
+        algorithm_name="uniform-random policy",
+        author="off2on",
+        author_email="none",
+        code_permalink="cql_pretrain.py",
+        description=f"{size} steps of a uniform-random policy in {env.spec.id} "
+        f"(stands in for D4RL's {env_name}-random-v2)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation and checkpoints
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -762,12 +769,9 @@ NOT_SETTINGS += ("eval_episodes", "save_every", "exp_name", "checkpoint_path", "
 
 
 def validate_args(args: Args):
-    for name in ("ensemble_size", "total_steps", "batch_size", "cql_n_actions", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_every", "eval_episodes", "save_every", "random_dataset_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, value in vars(args).items():  # counts, sizes and periods
+        if type(value) is int and name not in ("seed", "bc_steps") and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.hidden_sizes or min(args.hidden_sizes) < 1:
         raise ValueError(f"--hidden-sizes must be positive integers, got {args.hidden_sizes}")
 

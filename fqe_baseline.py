@@ -92,23 +92,10 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: D4RL-style names -> Minari datasets (or a D4RL hdf5 file) -> flat transitions
+# Data: the offline transitions the algorithm reads (filled by load_offline_data, near
+# the end of the file)
 # ---------------------------------------------------------------------------------------------
-D4RL_NAME = re.compile(
-    r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$"
-)
-GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
-D4RL_REF_RETURNS = {  # D4RL's (random, expert) returns of the -v2 datasets
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-}
-RANDOM_DATASET_ID = "off2on/{env_name}/random-n{size}-v0"  # made by cql_pretrain.py
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations")
-
-
-class DatasetError(ValueError):
-    """A dataset that can't be found or read; the message says how to provide it."""
 
 
 @dataclass
@@ -125,6 +112,219 @@ class OfflineData:
 
     def __len__(self):
         return len(self.rewards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks: every layer holds the weights of all N members (docs/algorithm.md, "Vectorized
+# ensembles")
+# ---------------------------------------------------------------------------------------------
+class VectorizedLinear(nn.Module):
+    """N independent linear layers in one: x [N, B, in] -> x @ W + b with W [N, in, out] and
+    b [N, 1, out]. `members` (a slice) runs only those members, on x [len(members), B, in]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialization, for each member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x, members: slice | None = None):
+        weight, bias = self.weight, self.bias
+        if members is not None:  # not for all: a slice's backward zero-fills the whole gradient
+            weight, bias = weight[members], bias[members]
+        if weight.shape[-1] == 1:  # a Q-value: a dot product (docs/speed.md, "One-output layers")
+            return (x * weight.transpose(1, 2)).sum(-1, keepdim=True) + bias
+        return torch.baddbmm(bias, x, weight)
+
+
+def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) -> nn.Sequential:
+    sizes = [in_dim, *hidden_sizes]
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [VectorizedLinear(n_in, n_out, ensemble_size), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the
+    pre-tanh Gaussian. The last layer is the mean head and the log-std head side by side."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * action_dim, ensemble_size)
+
+    def forward(self, obs):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Critic(nn.Module):
+    """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
+    critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
+
+    cpu_chunk_rows = 2048  # on CPU, inputs taller than this run one agent at a time
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
+        super().__init__()
+        self.ensemble_size = ensemble_size
+        self.net = vectorized_mlp(obs_dim + action_dim, hidden_sizes, 1, 2 * ensemble_size)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
+        if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
+            # the CQL term's 31 actions a state: batched, the activations overflow the CPU cache
+            # (docs/speed.md, "Per-agent chunking of the CQL critic on CPU")
+            agents = [slice(2 * i, 2 * i + 2) for i in range(self.ensemble_size)]
+            q = torch.cat([self.member_forward(x, members) for members in agents])
+        else:
+            q = self.net(x)
+        return q.view(self.ensemble_size, 2, -1)
+
+    def member_forward(self, x, members: slice):
+        x = x[members]
+        for layer in self.net:
+            x = layer(x, members) if isinstance(layer, VectorizedLinear) else layer(x)
+        return x
+
+
+def tanh_gaussian_log_prob(mean, log_std, u):
+    """log pi(tanh(u) | s) for a pre-tanh sample u: Gaussian log-density minus log|d tanh(u)/du|,
+    the latter as 2 (log 2 - u - softplus(-2u)) for stability; summed over action dims."""
+    gaussian = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_det_tanh = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (gaussian - log_det_tanh).sum(-1)
+
+
+def tanh_gaussian_sample(mean, log_std, eps):
+    """Reparameterized a = tanh(mean + std * eps) and its log-probability."""
+    u = mean + log_std.exp() * eps
+    return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitted Q Evaluation of N fixed actors, and what it is checked against
+# ---------------------------------------------------------------------------------------------
+class FQE:
+    """Fresh critics fitted to the soft Q-function of each member's fixed actor. The loss is
+    summed over members, so each member's gradient (and Adam update) is exactly its own."""
+
+    def __init__(
+        self, actor: Actor, log_alpha, obs_dim, action_dim, hidden_sizes, ensemble_size,
+        gamma=0.99, tau=0.005, lr=3e-4, device="cpu",
+    ):  # fmt: skip
+        self.actor = actor.requires_grad_(False)
+        self.ensemble_size, self.action_dim = ensemble_size, action_dim
+        self.gamma, self.tau = gamma, tau
+        self.alpha = log_alpha.exp().to(device)  # [N], fixed
+        self.qf = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf_target = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.qf_target.requires_grad_(False)
+        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=lr)
+
+    def critic_loss(self, obs, actions, rewards, next_obs, terminations, noise):
+        """Each member's Bellman MSE, both critics against the member's own target y_i, summed
+        over members. Inputs [N, B, ...]; noise [N, B, A] draws a' ~ pi_i(.|s')."""
+        with torch.no_grad():
+            next_actions, next_log_pi = tanh_gaussian_sample(*self.actor(next_obs), noise)
+            next_q = self.qf_target(next_obs, next_actions).min(1).values  # [N, B]
+            soft_next_q = next_q - self.alpha[:, None] * next_log_pi
+            target = rewards + self.gamma * (1 - terminations) * soft_next_q
+        q = self.qf(obs, actions)  # [N, 2, B]
+        bellman_loss = ((q - target[:, None]) ** 2).mean(-1)  # [N, 2]
+        return bellman_loss.sum(), {"fqe_loss": bellman_loss.mean(), "q_data": q.mean()}
+
+    def update(self, batch) -> dict:
+        """One gradient step of every member's critics, then the soft target update.
+        batch: (s, a, r, s', d), each [N, B, ...]."""
+        obs = batch[0]
+        noise = torch.randn(*obs.shape[:2], self.action_dim, device=obs.device)
+        loss, logs = self.critic_loss(*batch, noise)
+        self.qf_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.qf_optimizer.step()
+        with torch.no_grad():
+            targets, params = list(self.qf_target.parameters()), list(self.qf.parameters())
+            torch._foreach_lerp_(targets, params, self.tau)
+        return {k: v.detach() for k, v in logs.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "qf": self.qf.state_dict(),
+            "qf_target": self.qf_target.state_dict(),
+            "qf_optimizer": self.qf_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict):
+        self.qf.load_state_dict(state["qf"])
+        self.qf_target.load_state_dict(state["qf_target"])
+        self.qf_optimizer.load_state_dict(state["qf_optimizer"])
+
+
+@torch.no_grad()
+def q_data_and_random(qf: Critic, obs, actions) -> tuple[float, float]:
+    """Mean over members and critics of Q(s, a_data) and of Q(s, a ~ U[-1, 1]): how a critic
+    ranks actions the data never took."""
+    random_actions = torch.rand_like(actions) * 2 - 1
+    return qf(obs, actions).mean().item(), qf(obs, random_actions).mean().item()
+
+
+@torch.no_grad()
+def monte_carlo_check(
+    actor: Actor, critics: dict, alpha, envs: list, gamma: float, seed: int, device
+) -> dict:
+    """Roll out each member's stochastic policy from the env's start states (E envs per member,
+    all in lockstep) and compare min_k Q_ik(s_0, a_0) with the discounted soft return that Q
+    estimates, G_0 = sum_t gamma^t r_t - alpha_i sum_{t>=1} gamma^t log pi_i(a_t|s_t).
+    `critics` maps a name to a Critic. Returns per-member means: {"mc_return": [N], name: [N]}."""
+    N, E = alpha.shape[0], len(envs) // alpha.shape[0]
+    obs = np.stack([env.reset(seed=seed + j % E)[0] for j, env in enumerate(envs)])
+    returns, discount, active = np.zeros(len(envs)), np.ones(len(envs)), np.ones(len(envs), bool)
+    alphas, action_space, q_start = alpha.cpu().numpy().repeat(E), envs[0].action_space, {}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    while active.any():
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(N, E, -1)
+        mean, log_std = actor(x)
+        eps = torch.randn(mean.shape, device=device, generator=generator)
+        actions, log_pi = tanh_gaussian_sample(mean, log_std, eps)  # [N, E, A], [N, E]
+        if not q_start:  # t = 0
+            for name, qf in critics.items():
+                q_start[name] = qf(x, actions).min(1).values.mean(1).cpu().numpy()
+        else:
+            returns -= active * discount * alphas * log_pi.flatten().cpu().numpy()
+        actions = actions.flatten(0, 1).cpu().numpy()
+        for j in np.flatnonzero(active):
+            action = scale_to_env(actions[j], action_space)
+            obs[j], reward, terminated, truncated, _ = envs[j].step(action)
+            returns[j] += discount[j] * reward
+            active[j] = not (terminated or truncated)
+        discount *= gamma
+    return {"mc_return": returns.reshape(N, E).mean(1), **q_start}
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and environments: D4RL-style names -> Minari datasets (or a D4RL hdf5 file)
+# -> flat transitions
+# ---------------------------------------------------------------------------------------------
+D4RL_NAME = re.compile(
+    r"^(halfcheetah|hopper|walker2d)-(random|medium|expert|medium-expert|medium-replay)-v\d+$"
+)
+GYM_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+D4RL_REF_RETURNS = {  # D4RL's (random, expert) returns of the -v2 datasets
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+}
+RANDOM_DATASET_ID = "off2on/{env_name}/random-n{size}-v0"  # made by cql_pretrain.py
+
+
+class DatasetError(ValueError):
+    """A dataset that can't be found or read; the message says how to provide it."""
 
 
 def make_env(env_spec) -> gym.Env:
@@ -321,199 +521,6 @@ def scale_to_env(actions, action_space):
 def normalized_score(returns, ref_returns):
     """D4RL-normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
     return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks: every layer holds the weights of all N members (docs/algorithm.md, "Vectorized
-# ensembles")
-# ---------------------------------------------------------------------------------------------
-class VectorizedLinear(nn.Module):
-    """N independent linear layers in one: x [N, B, in] -> x @ W + b with W [N, in, out] and
-    b [N, 1, out]. `members` (a slice) runs only those members, on x [len(members), B, in]."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialization, for each member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x, members: slice | None = None):
-        weight, bias = self.weight, self.bias
-        if members is not None:  # not for all: a slice's backward zero-fills the whole gradient
-            weight, bias = weight[members], bias[members]
-        if weight.shape[-1] == 1:  # a Q-value: a dot product (docs/speed.md, "One-output layers")
-            return (x * weight.transpose(1, 2)).sum(-1, keepdim=True) + bias
-        return torch.baddbmm(bias, x, weight)
-
-
-def vectorized_mlp(in_dim: int, hidden_sizes, out_dim: int, ensemble_size: int) -> nn.Sequential:
-    sizes = [in_dim, *hidden_sizes]
-    layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [VectorizedLinear(n_in, n_out, ensemble_size), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, VectorizedLinear(sizes[-1], out_dim, ensemble_size))
-
-
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-
-class Actor(nn.Module):
-    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] of the
-    pre-tanh Gaussian. The last layer is the mean head and the log-std head side by side."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
-        super().__init__()
-        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * action_dim, ensemble_size)
-
-    def forward(self, obs):
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-
-class Critic(nn.Module):
-    """The two critics Q_1, Q_2 of each of N agents, as 2N vectorized members (member 2i + k is
-    critic k of agent i): obs [N, B, obs_dim], actions [N, B, act_dim] -> Q [N, 2, B]."""
-
-    cpu_chunk_rows = 2048  # on CPU, inputs taller than this run one agent at a time
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes, ensemble_size: int):
-        super().__init__()
-        self.ensemble_size = ensemble_size
-        self.net = vectorized_mlp(obs_dim + action_dim, hidden_sizes, 1, 2 * ensemble_size)
-
-    def forward(self, obs, actions):
-        x = torch.cat([obs, actions], -1).repeat_interleave(2, dim=0)  # [2N, B, obs_dim + act_dim]
-        if x.device.type == "cpu" and x.shape[1] > self.cpu_chunk_rows:
-            # the CQL term's 31 actions a state: batched, the activations overflow the CPU cache
-            # (docs/speed.md, "Per-agent chunking of the CQL critic on CPU")
-            agents = [slice(2 * i, 2 * i + 2) for i in range(self.ensemble_size)]
-            q = torch.cat([self.member_forward(x, members) for members in agents])
-        else:
-            q = self.net(x)
-        return q.view(self.ensemble_size, 2, -1)
-
-    def member_forward(self, x, members: slice):
-        x = x[members]
-        for layer in self.net:
-            x = layer(x, members) if isinstance(layer, VectorizedLinear) else layer(x)
-        return x
-
-
-def tanh_gaussian_log_prob(mean, log_std, u):
-    """log pi(tanh(u) | s) for a pre-tanh sample u: Gaussian log-density minus log|d tanh(u)/du|,
-    the latter as 2 (log 2 - u - softplus(-2u)) for stability; summed over action dims."""
-    gaussian = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    log_det_tanh = 2 * (math.log(2) - u - F.softplus(-2 * u))
-    return (gaussian - log_det_tanh).sum(-1)
-
-
-def tanh_gaussian_sample(mean, log_std, eps):
-    """Reparameterized a = tanh(mean + std * eps) and its log-probability."""
-    u = mean + log_std.exp() * eps
-    return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fitted Q Evaluation of N fixed actors, and what it is checked against
-# ---------------------------------------------------------------------------------------------
-class FQE:
-    """Fresh critics fitted to the soft Q-function of each member's fixed actor. The loss is
-    summed over members, so each member's gradient (and Adam update) is exactly its own."""
-
-    def __init__(
-        self, actor: Actor, log_alpha, obs_dim, action_dim, hidden_sizes, ensemble_size,
-        gamma=0.99, tau=0.005, lr=3e-4, device="cpu",
-    ):  # fmt: skip
-        self.actor = actor.requires_grad_(False)
-        self.ensemble_size, self.action_dim = ensemble_size, action_dim
-        self.gamma, self.tau = gamma, tau
-        self.alpha = log_alpha.exp().to(device)  # [N], fixed
-        self.qf = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
-        self.qf_target = Critic(obs_dim, action_dim, hidden_sizes, ensemble_size).to(device)
-        self.qf_target.load_state_dict(self.qf.state_dict())
-        self.qf_target.requires_grad_(False)
-        self.qf_optimizer = torch.optim.Adam(self.qf.parameters(), lr=lr)
-
-    def critic_loss(self, obs, actions, rewards, next_obs, terminations, noise):
-        """Each member's Bellman MSE, both critics against the member's own target y_i, summed
-        over members. Inputs [N, B, ...]; noise [N, B, A] draws a' ~ pi_i(.|s')."""
-        with torch.no_grad():
-            next_actions, next_log_pi = tanh_gaussian_sample(*self.actor(next_obs), noise)
-            next_q = self.qf_target(next_obs, next_actions).min(1).values  # [N, B]
-            soft_next_q = next_q - self.alpha[:, None] * next_log_pi
-            target = rewards + self.gamma * (1 - terminations) * soft_next_q
-        q = self.qf(obs, actions)  # [N, 2, B]
-        bellman_loss = ((q - target[:, None]) ** 2).mean(-1)  # [N, 2]
-        return bellman_loss.sum(), {"fqe_loss": bellman_loss.mean(), "q_data": q.mean()}
-
-    def update(self, batch) -> dict:
-        """One gradient step of every member's critics, then the soft target update.
-        batch: (s, a, r, s', d), each [N, B, ...]."""
-        obs = batch[0]
-        noise = torch.randn(*obs.shape[:2], self.action_dim, device=obs.device)
-        loss, logs = self.critic_loss(*batch, noise)
-        self.qf_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.qf_optimizer.step()
-        with torch.no_grad():
-            targets, params = list(self.qf_target.parameters()), list(self.qf.parameters())
-            torch._foreach_lerp_(targets, params, self.tau)
-        return {k: v.detach() for k, v in logs.items()}
-
-    def state_dict(self) -> dict:
-        return {
-            "qf": self.qf.state_dict(),
-            "qf_target": self.qf_target.state_dict(),
-            "qf_optimizer": self.qf_optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict):
-        self.qf.load_state_dict(state["qf"])
-        self.qf_target.load_state_dict(state["qf_target"])
-        self.qf_optimizer.load_state_dict(state["qf_optimizer"])
-
-
-@torch.no_grad()
-def q_data_and_random(qf: Critic, obs, actions) -> tuple[float, float]:
-    """Mean over members and critics of Q(s, a_data) and of Q(s, a ~ U[-1, 1]): how a critic
-    ranks actions the data never took."""
-    random_actions = torch.rand_like(actions) * 2 - 1
-    return qf(obs, actions).mean().item(), qf(obs, random_actions).mean().item()
-
-
-@torch.no_grad()
-def monte_carlo_check(
-    actor: Actor, critics: dict, alpha, envs: list, gamma: float, seed: int, device
-) -> dict:
-    """Roll out each member's stochastic policy from the env's start states (E envs per member,
-    all in lockstep) and compare min_k Q_ik(s_0, a_0) with the discounted soft return that Q
-    estimates, G_0 = sum_t gamma^t r_t - alpha_i sum_{t>=1} gamma^t log pi_i(a_t|s_t).
-    `critics` maps a name to a Critic. Returns per-member means: {"mc_return": [N], name: [N]}."""
-    N, E = alpha.shape[0], len(envs) // alpha.shape[0]
-    obs = np.stack([env.reset(seed=seed + j % E)[0] for j, env in enumerate(envs)])
-    returns, discount, active = np.zeros(len(envs)), np.ones(len(envs)), np.ones(len(envs), bool)
-    alphas, action_space, q_start = alpha.cpu().numpy().repeat(E), envs[0].action_space, {}
-    generator = torch.Generator(device=device).manual_seed(seed)
-    while active.any():
-        x = torch.as_tensor(obs, dtype=torch.float32, device=device).view(N, E, -1)
-        mean, log_std = actor(x)
-        eps = torch.randn(mean.shape, device=device, generator=generator)
-        actions, log_pi = tanh_gaussian_sample(mean, log_std, eps)  # [N, E, A], [N, E]
-        if not q_start:  # t = 0
-            for name, qf in critics.items():
-                q_start[name] = qf(x, actions).min(1).values.mean(1).cpu().numpy()
-        else:
-            returns -= active * discount * alphas * log_pi.flatten().cpu().numpy()
-        actions = actions.flatten(0, 1).cpu().numpy()
-        for j in np.flatnonzero(active):
-            action = scale_to_env(actions[j], action_space)
-            obs[j], reward, terminated, truncated, _ = envs[j].step(action)
-            returns[j] += discount[j] * reward
-            active[j] = not (terminated or truncated)
-        discount *= gamma
-    return {"mc_return": returns.reshape(N, E).mean(1), **q_start}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Speed of the updates, next to this machine's float32 matmul rate (a script, not a test).
 
-    python tests/benchmark.py            # HalfCheetah shapes: obs 17, actions 6, 256-256, batch 256, M = 10
+    python tests/benchmark.py   # HalfCheetah shapes: obs 17, actions 6, 256-256, batch 256, M = 10
 
 Prints ms per update (CQL pretraining for N = 1 and 5; the full fine-tuning step for N = 1 and 5:
 SAC ensemble + density ratio + sum-tree sampling and priority write-back at 2M capacity) and the
@@ -61,7 +61,9 @@ def mlp_flops(rows, sizes, backward=None) -> int:
 def cql_update_flops(N, B, M, obs_dim, action_dim, hidden) -> int:
     critic, actor = [obs_dim + action_dim, *hidden, 1], [obs_dim, *hidden, 2 * action_dim]
     per_agent = (
-        mlp_flops(2 * (1 + 3 * M) * B, critic, "weights")  # both critics at s: data action + 3M proposals
+        mlp_flops(
+            2 * (1 + 3 * M) * B, critic, "weights"
+        )  # both critics at s: data action + 3M proposals
         + mlp_flops(2 * B, critic)  # target critics at s'
         + mlp_flops(B, actor)  # pi(.|s')
         + mlp_flops(B, actor, "weights")  # pi(.|s), trained
@@ -71,7 +73,11 @@ def cql_update_flops(N, B, M, obs_dim, action_dim, hidden) -> int:
 
 
 def finetune_step_flops(N, B, obs_dim, action_dim, hidden) -> int:
-    critic, actor, ratio = [obs_dim + action_dim, *hidden, 1], [obs_dim, *hidden, 2 * action_dim], [obs_dim + action_dim, 256, 256, 1]
+    critic, actor, ratio = (
+        [obs_dim + action_dim, *hidden, 1],
+        [obs_dim, *hidden, 2 * action_dim],
+        [obs_dim + action_dim, 256, 256, 1],
+    )
     per_member = (
         mlp_flops(2 * B, critic, "weights")  # both critics at (s, a)
         + mlp_flops(2 * B, critic)  # target critics at s'
@@ -79,7 +85,9 @@ def finetune_step_flops(N, B, obs_dim, action_dim, hidden) -> int:
         + mlp_flops(B, actor, "weights")  # pi_i(.|s), trained through pi_E
         + mlp_flops(2 * B, critic, "inputs")  # critics in the actor loss
     )
-    return N * per_member + mlp_flops(3 * B, ratio, "weights")  # density ratio: RL batch, online and offline batches
+    return N * per_member + mlp_flops(
+        3 * B, ratio, "weights"
+    )  # density ratio: RL batch, online and offline batches
 
 
 def median_seconds(fn, repeats, device) -> float:
@@ -97,20 +105,32 @@ def median_seconds(fn, repeats, device) -> float:
     return statistics.median(times)
 
 
-def make_finetune_step(N, B, obs_dim, action_dim, hidden, device, n_offline=1_750_000, n_online=250_000):
+def make_finetune_step(
+    N, B, obs_dim, action_dim, hidden, device, n_offline=1_750_000, n_online=250_000
+):
     """One fine-tuning gradient step as off2on_finetune.py runs it, on a 2M-transition buffer."""
     import gymnasium as gym
     import numpy as np
 
     rng = np.random.default_rng(0)
-    data = ft.OfflineData(rng.standard_normal((n_offline, obs_dim), dtype=np.float32), rng.uniform(-1, 1, (n_offline, action_dim)).astype(np.float32),
-                          rng.standard_normal(n_offline, dtype=np.float32), rng.standard_normal((n_offline, obs_dim), dtype=np.float32),
-                          np.zeros(n_offline, np.float32), gym.spec("HalfCheetah-v5"), "benchmark", None, "none")
+    data = ft.OfflineData(
+        rng.standard_normal((n_offline, obs_dim), dtype=np.float32),
+        rng.uniform(-1, 1, (n_offline, action_dim)).astype(np.float32),
+        rng.standard_normal(n_offline, dtype=np.float32),
+        rng.standard_normal((n_offline, obs_dim), dtype=np.float32),
+        np.zeros(n_offline, np.float32),
+        gym.spec("HalfCheetah-v5"),
+        "benchmark",
+        None,
+        "none",
+    )
     replay = ft.BalancedReplay(data, n_online, "balanced", device=device)
     for name in ft.FIELDS:  # fill the online part at once
         replay.storage[name][n_offline:] = torch.randn_like(replay.storage[name][n_offline:])
     replay.n_online = n_online
-    replay.tree.update(np.arange(n_offline, n_offline + n_online), np.full(n_online, replay.max_priority))
+    replay.tree.update(
+        np.arange(n_offline, n_offline + n_online), np.full(n_online, replay.max_priority)
+    )
     agents = ft.Off2OnEnsemble(obs_dim, action_dim, hidden, N, device=device)
     density_ratio = ft.DensityRatio(obs_dim, action_dim).to(device)
     optimizer = torch.optim.Adam(density_ratio.parameters(), lr=3e-4, fused=True)
@@ -144,8 +164,12 @@ def time_env_step(agents, device, steps=1000) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         with torch.no_grad():
-            mean, log_std = agents.policy(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
-            action = ft.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
+            mean, log_std = agents.policy(
+                torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            )
+            action = (
+                ft.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
+            )
         obs, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             obs, _ = env.reset()
@@ -155,9 +179,16 @@ def time_env_step(agents, device, steps=1000) -> float:
 def make_cql_update(N, B, M, obs_dim, action_dim, hidden, device):
     """One CQL pretraining update of N agents on a fixed random batch."""
     torch.manual_seed(0)
-    agents = cql_pretrain.CQLEnsemble(obs_dim, action_dim, hidden, N, cql_n_actions=M, device=device)
-    batch = [torch.randn(N, B, obs_dim, device=device), torch.rand(N, B, action_dim, device=device) * 2 - 1,
-             torch.randn(N, B, device=device), torch.randn(N, B, obs_dim, device=device), torch.zeros(N, B, device=device)]
+    agents = cql_pretrain.CQLEnsemble(
+        obs_dim, action_dim, hidden, N, cql_n_actions=M, device=device
+    )
+    batch = [
+        torch.randn(N, B, obs_dim, device=device),
+        torch.rand(N, B, action_dim, device=device) * 2 - 1,
+        torch.randn(N, B, device=device),
+        torch.randn(N, B, obs_dim, device=device),
+        torch.zeros(N, B, device=device),
+    ]
     return lambda: agents.update(batch)
 
 
@@ -171,7 +202,12 @@ def time_against_matmul(fn, flops, repeats, device, rounds=5):
         ms.append(seconds * 1e3)
         rates.append(rate)
         fractions.append(flops / seconds / 1e9 / rate)
-    return statistics.median(ms), flops / statistics.median(ms) / 1e6, statistics.median(fractions), rates
+    return (
+        statistics.median(ms),
+        flops / statistics.median(ms) / 1e6,
+        statistics.median(fractions),
+        rates,
+    )
 
 
 if __name__ == "__main__":
@@ -189,7 +225,11 @@ if __name__ == "__main__":
     def report(name, N, fn, flops, repeats):
         ms, gflops, fraction, rates = time_against_matmul(fn, flops, repeats, args.device)
         all_rates.extend(rates)
-        print(f"| {name} | {N} | {ms:.1f} | {flops / 1e9:.2f} | {gflops:.0f} | {100 * fraction:.0f}% |", flush=True)
+        print(
+            f"| {name} | {N} | {ms:.1f} | {flops / 1e9:.2f} | {gflops:.0f} "
+            f"| {100 * fraction:.0f}% |",
+            flush=True,
+        )
         return ms / 1e3
 
     rows = [("CQL, vectorized", N, None) for N in (1, 5)]
@@ -198,21 +238,38 @@ if __name__ == "__main__":
     for name, N, chunk_rows in rows:
         default = cql_pretrain.Critic.cpu_chunk_rows
         cql_pretrain.Critic.cpu_chunk_rows = chunk_rows or default
-        report(name, N, make_cql_update(N, B, M, obs_dim, action_dim, hidden, args.device),
-               cql_update_flops(N, B, M, obs_dim, action_dim, hidden), max(3, args.repeats // 4))
+        report(
+            name,
+            N,
+            make_cql_update(N, B, M, obs_dim, action_dim, hidden, args.device),
+            cql_update_flops(N, B, M, obs_dim, action_dim, hidden),
+            max(3, args.repeats // 4),
+        )
         cql_pretrain.Critic.cpu_chunk_rows = default
 
     for N in (1, 5):
         step, tree_only, agents = make_finetune_step(N, B, obs_dim, action_dim, hidden, args.device)
-        seconds = report("fine-tuning step (SAC ensemble + density ratio + sum tree, 2M buffer)", N, step,
-                         finetune_step_flops(N, B, obs_dim, action_dim, hidden), args.repeats)
+        seconds = report(
+            "fine-tuning step (SAC ensemble + density ratio + sum tree, 2M buffer)",
+            N,
+            step,
+            finetune_step_flops(N, B, obs_dim, action_dim, hidden),
+            args.repeats,
+        )
     tree_seconds = median_seconds(tree_only, 200, "cpu")
 
     env_seconds = time_env_step(agents, args.device)
-    print(f"\nfloat32 matmul rate over all rounds: median {statistics.median(all_rates):.0f} GFLOP/s "
-          f"(range {min(all_rates):.0f}-{max(all_rates):.0f})")
-    print(f"sum tree, 2M capacity, sample {B} + update {B} priorities: {tree_seconds * 1e3:.2f} ms = "
-          f"{100 * tree_seconds / seconds:.1f}% of the N=5 fine-tuning step")
+    print(
+        f"\nfloat32 matmul rate over all rounds: median {statistics.median(all_rates):.0f} GFLOP/s "
+        f"(range {min(all_rates):.0f}-{max(all_rates):.0f})"
+    )
+    print(
+        f"sum tree, 2M capacity, sample {B} + update {B} priorities: {tree_seconds * 1e3:.2f} ms = "
+        f"{100 * tree_seconds / seconds:.1f}% of the N=5 fine-tuning step"
+    )
     print(f"online env step (HalfCheetah-v5, N=5 merged policy): {env_seconds * 1e3:.2f} ms")
-    print(f"fine-tuning loop, N=5, 1 update per env step: {1 / (seconds + env_seconds):.1f} env steps/s "
-          f"({1000 * (seconds + env_seconds) / 60:.1f} min per 1000-step epoch)")
+    print(
+        "fine-tuning loop, N=5, 1 update per env step: "
+        f"{1 / (seconds + env_seconds):.1f} env steps/s "
+        f"({1000 * (seconds + env_seconds) / 60:.1f} min per 1000-step epoch)"
+    )

@@ -1,7 +1,9 @@
 import os
 import sys
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before any test imports mujoco: headless rendering (pixel_envs.py)
+os.environ.setdefault(
+    "MUJOCO_GL", "egl"
+)  # before any test imports mujoco: headless rendering (pixel_envs.py)
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Tests of the vectorized CQL ensemble in cql_pretrain.py (SPEC.md sections 0-2).
+"""Tests of the vectorized CQL ensemble in cql_pretrain.py (paper eqs. 2 and 3, docs/algorithm.md).
 
 Every vectorized piece is compared with a plain per-member twin (nn.Linear stacks, explicit
 loops), the CQL critic loss is recomputed from its definition, and the update of N agents is
@@ -14,11 +14,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
-from conftest import member_mlp
 import torch
 import torch.nn as nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
+from conftest import member_mlp
 from cql_pretrain import (
     LOG_STD_MAX,
     LOG_STD_MIN,
@@ -26,7 +26,7 @@ from cql_pretrain import (
     CQLEnsemble,
     Critic,
     VectorizedLinear,
-    ensemble_mean_action,
+    ensemble_gaussian,
     tanh_gaussian_log_prob,
     tanh_gaussian_sample,
     vectorized_mlp,
@@ -39,7 +39,8 @@ LOG2PI = math.log(2 * math.pi)
 # helpers
 # ---------------------------------------------------------------------------------------
 def exact_log1m_tanh2(u: torch.Tensor) -> torch.Tensor:
-    """log(1 - tanh(u)^2) written independently of the code's formula: log 4 - 2|u| - 2 log(1 + e^{-2|u|})."""
+    """log(1 - tanh(u)^2) written independently of the code's formula:
+    log 4 - 2|u| - 2 log(1 + e^{-2|u|})."""
     a = u.abs()
     return math.log(4.0) - 2 * a - 2 * torch.log1p(torch.exp(-2 * a))
 
@@ -64,7 +65,7 @@ def make_batch(N, B, obs_dim, A, generator=None):
 
 
 def slice_member(agents: CQLEnsemble, single: CQLEnsemble, i: int):
-    """Copy member i of `agents` (actor i, critics 2i and 2i+1, log_alpha i) into a 1-agent ensemble."""
+    """Member i of `agents` (actor i, critics 2i, 2i+1, log_alpha i) as a 1-agent ensemble."""
     with torch.no_grad():
         for ps, pe in zip(single.actor.parameters(), agents.actor.parameters()):
             ps.copy_(pe[i : i + 1])
@@ -99,7 +100,9 @@ def test_vectorized_linear_equals_nn_linear_per_member(f64, n_out):
             lin.bias.copy_(layer.bias[i, 0])
         assert_close(y[i], lin(x[i]), atol=1e-12, msg=f"member {i}")
         # and the plain formula x W + b
-        assert_close(y[i], x[i] @ layer.weight[i] + layer.bias[i], atol=1e-12, msg=f"member {i} formula")
+        assert_close(
+            y[i], x[i] @ layer.weight[i] + layer.bias[i], atol=1e-12, msg=f"member {i} formula"
+        )
     # a slice of members runs only those members, with the same values and gradients
     assert_close(layer(x[1:3], slice(1, 3)), y[1:3], atol=1e-12)
     g = torch.randn(N, B, n_out)
@@ -152,7 +155,9 @@ def test_vectorized_mlp_equals_per_member_mlps(f64, hidden):
     assert kinds == expected_kinds  # ReLU between layers, none after the output layer
     sizes = [n_in, *hidden, n_out]
     lins = [m for m in net if isinstance(m, VectorizedLinear)]
-    assert [tuple(m.weight.shape) for m in lins] == [(N, a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+    assert [tuple(m.weight.shape) for m in lins] == [
+        (N, a, b) for a, b in zip(sizes[:-1], sizes[1:])
+    ]
     x = torch.randn(N, B, n_in)
     y = net(x)
     assert y.shape == (N, B, n_out)
@@ -167,7 +172,11 @@ def test_critic_layout_equals_per_member_twins(f64):
     N, B, obs_dim, A = 3, 6, 4, 2
     critic = Critic(obs_dim, A, (8, 8), N)
     lins = [m for m in critic.net if isinstance(m, VectorizedLinear)]
-    assert lins[0].weight.shape == (2 * N, obs_dim + A, 8) and lins[-1].weight.shape == (2 * N, 8, 1)
+    assert lins[0].weight.shape == (2 * N, obs_dim + A, 8) and lins[-1].weight.shape == (
+        2 * N,
+        8,
+        1,
+    )
     obs, act = torch.randn(N, B, obs_dim), torch.rand(N, B, A) * 2 - 1
     q = critic(obs, act)
     assert q.shape == (N, 2, B)
@@ -182,7 +191,8 @@ def test_critic_layout_equals_per_member_twins(f64):
 
 @pytest.mark.parametrize("B", [7, 2100])
 def test_critic_tall_inputs_equal_per_member_twins(f64, B):
-    """Tall inputs (the CQL term's 1 + 3M actions per state) may take a per-agent path: same values, same grads."""
+    """Tall inputs (the CQL term's 1 + 3M actions per state) may take a per-agent path: same values,
+    same gradients."""
     N, obs_dim, A = 3, 3, 2
     critic = Critic(obs_dim, A, (6, 5), N)
     obs, act = torch.randn(N, B, obs_dim), torch.rand(N, B, A) * 2 - 1
@@ -212,7 +222,9 @@ def test_actor_equals_per_member_twins(f64):
         out = member_mlp(actor.net, i)(obs[i])
         assert out.shape == (B, 2 * A)
         assert_close(mean[i], out[:, :A], atol=1e-12, msg=f"mean of member {i}")
-        assert_close(log_std[i], out[:, A:].clamp(-20.0, 2.0), atol=1e-12, msg=f"log_std of member {i}")
+        assert_close(
+            log_std[i], out[:, A:].clamp(-20.0, 2.0), atol=1e-12, msg=f"log_std of member {i}"
+        )
 
 
 def test_actor_log_std_clamp(f64):
@@ -256,15 +268,21 @@ def test_tanh_gaussian_matches_torch_distributions(f64):
     assert log_pi.shape == (B,)
 
     # same sample through the cache (no atanh round-off)
-    dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)], validate_args=False)
+    dist = TransformedDistribution(
+        Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)], validate_args=False
+    )
     y = dist.transforms[0](u)
     expected = dist.log_prob(y).sum(-1)
     assert_close(log_pi, expected, atol=1e-10, msg="vs TransformedDistribution (cached)")
     # moderate |u|: the uncached inverse (atanh) is accurate too
     ok = u.abs().max(-1).values < 3
     assert ok.sum() > 10
-    dist2 = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform()], validate_args=False)
-    assert_close(log_pi[ok], dist2.log_prob(torch.tanh(u))[ok].sum(-1), atol=1e-7, msg="vs uncached")
+    dist2 = TransformedDistribution(
+        Normal(mean, log_std.exp()), [TanhTransform()], validate_args=False
+    )
+    assert_close(
+        log_pi[ok], dist2.log_prob(torch.tanh(u))[ok].sum(-1), atol=1e-7, msg="vs uncached"
+    )
     # and the independent reference
     assert_close(log_pi, ref_log_pi(mean, log_std, u), atol=1e-10, msg="vs reference formula")
     # log_prob with an explicit pre-tanh sample
@@ -290,16 +308,27 @@ def test_tanh_gaussian_log_prob_stable_for_large_u(dtype):
     log_std64 = torch.zeros_like(u64)
     exact = (-0.5 * 0.3**2 - 0.5 * LOG2PI) - exact_log1m_tanh2(u64)  # float64 exact value
     # sanity of the reference: at u=8, log(1 - tanh^2) = log 4 - 16 - 2 log(1 + e^-16)
-    assert abs(exact_log1m_tanh2(torch.tensor(8.0, dtype=torch.float64)).item() - (math.log(4) - 16 - 2 * math.log1p(math.exp(-16)))) < 1e-14
+    assert (
+        abs(
+            exact_log1m_tanh2(torch.tensor(8.0, dtype=torch.float64)).item()
+            - (math.log(4) - 16 - 2 * math.log1p(math.exp(-16)))
+        )
+        < 1e-14
+    )
 
-    u, mean, log_std = u64.to(dtype)[:, None], mean64.to(dtype)[:, None], log_std64.to(dtype)[:, None]
+    u, mean, log_std = (
+        u64.to(dtype)[:, None],
+        mean64.to(dtype)[:, None],
+        log_std64.to(dtype)[:, None],
+    )
     got = tanh_gaussian_log_prob(mean, log_std, u)
     assert got.dtype == dtype and got.shape == (len(u64),)
     assert torch.isfinite(got).all()
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     assert_close(got.double(), exact, atol=tol, rtol=tol, msg="stable log-prob vs exact")
 
-    # the naive correction breaks here: inaccurate at |u|=8 in float32, -inf at |u|>=10 (float32) / 20 (float64)
+    # the naive correction breaks here: inaccurate at |u|=8 in float32, -inf at |u|>=10 (float32)
+    # or 20 (float64)
     naive = torch.log(1 - torch.tanh(u.squeeze(-1)) ** 2)
     if dtype == torch.float32:
         assert abs(naive[0].item() - exact_log1m_tanh2(u64[0]).item()) > 1e-2
@@ -318,9 +347,20 @@ def test_tanh_gaussian_log_prob_stable_for_large_u(dtype):
 # ---------------------------------------------------------------------------------------
 # 4. CQL critic loss recomputed from its definition
 # ---------------------------------------------------------------------------------------
-def _setup_small(deterministic_backup, N=2, B=3, M=4, obs_dim=3, A=2, hidden=(6, 5), cql_alpha=2.5, gamma=0.9):
-    agents = CQLEnsemble(obs_dim, A, hidden, N, cql_alpha=cql_alpha, cql_n_actions=M, gamma=gamma, tau=0.1,
-                         deterministic_backup=deterministic_backup)
+def _setup_small(
+    deterministic_backup, N=2, B=3, M=4, obs_dim=3, A=2, hidden=(6, 5), cql_alpha=2.5, gamma=0.9
+):
+    agents = CQLEnsemble(
+        obs_dim,
+        A,
+        hidden,
+        N,
+        cql_alpha=cql_alpha,
+        cql_n_actions=M,
+        gamma=gamma,
+        tau=0.1,
+        deterministic_backup=deterministic_backup,
+    )
     with torch.no_grad():  # targets differ from the online critics, alphas differ from 1
         for p in agents.qf_target.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -331,7 +371,9 @@ def _setup_small(deterministic_backup, N=2, B=3, M=4, obs_dim=3, A=2, hidden=(6,
 @pytest.mark.parametrize("deterministic_backup", [True, False])
 def test_critic_loss_by_hand(f64, deterministic_backup):
     N, B, M, obs_dim, A, cql_alpha, gamma = 2, 3, 4, 3, 2, 2.5, 0.9
-    agents = _setup_small(deterministic_backup, N, B, M, obs_dim, A, cql_alpha=cql_alpha, gamma=gamma)
+    agents = _setup_small(
+        deterministic_backup, N, B, M, obs_dim, A, cql_alpha=cql_alpha, gamma=gamma
+    )
     obs, actions, rewards, next_obs, terms = make_batch(N, B, obs_dim, A)
     noise = agents.draw_noise(B)
     assert noise["uniform"].shape == (N, M, B, A) and noise["target"].shape == (N, B, A)
@@ -376,10 +418,14 @@ def test_critic_loss_by_hand(f64, deterministic_backup):
                         vals.append(Q(k, s, noise["uniform"][i, j, b]).item() + A * math.log(2))
                     for j in range(M):  # pi(.|s) proposals
                         u_c = mu + ls.exp() * noise["cur_cql"][i, j, b]
-                        vals.append(Q(k, s, torch.tanh(u_c)).item() - ref_log_pi(mu, ls, u_c).item())
+                        vals.append(
+                            Q(k, s, torch.tanh(u_c)).item() - ref_log_pi(mu, ls, u_c).item()
+                        )
                     for j in range(M):  # pi(.|s') proposals, evaluated at s
                         u_n = mu2 + ls2.exp() * noise["next_cql"][i, j, b]
-                        vals.append(Q(k, s, torch.tanh(u_n)).item() - ref_log_pi(mu2, ls2, u_n).item())
+                        vals.append(
+                            Q(k, s, torch.tanh(u_n)).item() - ref_log_pi(mu2, ls2, u_n).item()
+                        )
                     assert len(vals) == 3 * M
                     vmax = max(vals)
                     lse = vmax + math.log(sum(math.exp(v - vmax) for v in vals))
@@ -424,7 +470,9 @@ def test_actor_loss_by_hand(f64, behaviour_cloning):
     obs, actions, *_ = make_batch(N, B, obs_dim, A)
     noise = agents.draw_noise(B)
     mean, log_std = agents.actor(obs)
-    actor_loss, alpha_loss, logs = agents.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
+    actor_loss, alpha_loss, logs = agents.actor_loss(
+        obs, actions, mean, log_std, noise, behaviour_cloning
+    )
     exp_actor, exp_alpha, ent = 0.0, 0.0, 0.0
     with torch.no_grad():
         for i in range(N):
@@ -457,14 +505,31 @@ OPT_NAMES = ("actor_optimizer", "qf_optimizer", "alpha_optimizer")
 
 
 def _opt_slices(i):
-    return {"actor_optimizer": slice(i, i + 1), "qf_optimizer": slice(2 * i, 2 * i + 2), "alpha_optimizer": slice(i, i + 1)}
+    return {
+        "actor_optimizer": slice(i, i + 1),
+        "qf_optimizer": slice(2 * i, 2 * i + 2),
+        "alpha_optimizer": slice(i, i + 1),
+    }
 
 
 @pytest.mark.parametrize("deterministic_backup,B,M", [(True, 5, 3), (False, 5, 3), (True, 70, 10)])
 def test_vectorized_update_equals_single_agent_updates(f64, deterministic_backup, B, M):
-    N, obs_dim, A, hidden = 3, 4, 2, (16, 16)  # B=70, M=10: 2170 rows a critic, tall enough for any per-agent path
-    kw = dict(cql_alpha=5.0, cql_n_actions=M, gamma=0.95, tau=0.05, policy_lr=3e-3, q_lr=3e-3, alpha_lr=1e-2,
-              deterministic_backup=deterministic_backup)
+    N, obs_dim, A, hidden = (
+        3,
+        4,
+        2,
+        (16, 16),
+    )  # B=70, M=10: 2170 rows a critic, tall enough for any per-agent path
+    kw = dict(
+        cql_alpha=5.0,
+        cql_n_actions=M,
+        gamma=0.95,
+        tau=0.05,
+        policy_lr=3e-3,
+        q_lr=3e-3,
+        alpha_lr=1e-2,
+        deterministic_backup=deterministic_backup,
+    )
     agents = CQLEnsemble(obs_dim, A, hidden, N, **kw)
     with torch.no_grad():
         agents.log_alpha.copy_(torch.tensor([0.2, -0.3, 0.5]))
@@ -481,12 +546,18 @@ def test_vectorized_update_equals_single_agent_updates(f64, deterministic_backup
         noise = agents.draw_noise(B)
         logs = agents.update(batch, behaviour_cloning=bc, noise=noise)
         single_logs = [
-            singles[i].update([x[i : i + 1] for x in batch], behaviour_cloning=bc, noise={k: v[i : i + 1] for k, v in noise.items()})
+            singles[i].update(
+                [x[i : i + 1] for x in batch],
+                behaviour_cloning=bc,
+                noise={k: v[i : i + 1] for k, v in noise.items()},
+            )
             for i in range(N)
         ]
         for key in ("qf_loss", "cql_loss", "q_data", "actor_loss", "alpha", "entropy"):
-            mean_single = sum(l[key].item() for l in single_logs) / N
-            assert abs(logs[key].item() - mean_single) < 1e-9 * max(1.0, abs(mean_single)), f"step {step} log {key}"
+            mean_single = sum(logs[key].item() for logs in single_logs) / N
+            assert abs(logs[key].item() - mean_single) < 1e-9 * max(1.0, abs(mean_single)), (
+                f"step {step} log {key}"
+            )
 
     tol = dict(atol=1e-10, rtol=1e-8)
     for i, single in enumerate(singles):
@@ -496,7 +567,9 @@ def test_vectorized_update_equals_single_agent_updates(f64, deterministic_backup
             assert_close(ps, pe[2 * i : 2 * i + 2], **tol, msg=f"critics of agent {i}")
         for ps, pe in zip(single.qf_target.parameters(), agents.qf_target.parameters()):
             assert_close(ps, pe[2 * i : 2 * i + 2], **tol, msg=f"target critics of agent {i}")
-        assert_close(single.log_alpha, agents.log_alpha[i : i + 1], **tol, msg=f"log_alpha of agent {i}")
+        assert_close(
+            single.log_alpha, agents.log_alpha[i : i + 1], **tol, msg=f"log_alpha of agent {i}"
+        )
         for opt_name in OPT_NAMES:
             opt_s, opt_e = getattr(single, opt_name), getattr(agents, opt_name)
             sl = _opt_slices(i)[opt_name]
@@ -507,7 +580,13 @@ def test_vectorized_update_equals_single_agent_updates(f64, deterministic_backup
                 st_s, st_e = opt_s.state[ps], opt_e.state[pe]
                 assert float(st_s["step"]) == float(st_e["step"]) == len(schedule)
                 for key in ("exp_avg", "exp_avg_sq"):
-                    assert_close(st_s[key], st_e[key][sl], atol=1e-12, rtol=1e-8, msg=f"{opt_name} {key} of agent {i}")
+                    assert_close(
+                        st_s[key],
+                        st_e[key][sl],
+                        atol=1e-12,
+                        rtol=1e-8,
+                        msg=f"{opt_name} {key} of agent {i}",
+                    )
 
     # not vacuous: everything moved, and targets lag behind the critics
     for key in ("actor", "qf", "qf_target"):
@@ -521,8 +600,12 @@ def test_vectorized_update_equals_single_agent_updates(f64, deterministic_backup
 def test_members_are_independent_of_each_others_batches(f64):
     """Changing agent 1's batch and noise leaves agents 0 and 2 unchanged (to round-off)."""
     N, B, obs_dim, A = 3, 4, 3, 2
-    a1 = CQLEnsemble(obs_dim, A, (8, 8), N, cql_n_actions=2, q_lr=1e-2, policy_lr=1e-2, alpha_lr=1e-2)
-    a2 = CQLEnsemble(obs_dim, A, (8, 8), N, cql_n_actions=2, q_lr=1e-2, policy_lr=1e-2, alpha_lr=1e-2)
+    a1 = CQLEnsemble(
+        obs_dim, A, (8, 8), N, cql_n_actions=2, q_lr=1e-2, policy_lr=1e-2, alpha_lr=1e-2
+    )
+    a2 = CQLEnsemble(
+        obs_dim, A, (8, 8), N, cql_n_actions=2, q_lr=1e-2, policy_lr=1e-2, alpha_lr=1e-2
+    )
     a2.load_state_dict(copy.deepcopy(a1.state_dict()))
     for bc in (True, False):
         batch = make_batch(N, B, obs_dim, A)
@@ -567,12 +650,19 @@ def test_first_update_is_one_adam_step_of_each_loss(f64, behaviour_cloning):
     with torch.no_grad():
         for p, v in zip(ref.qf.parameters(), new_q):
             p.copy_(v)
-    actor_loss, alpha_loss, _ = ref.actor_loss(batch[0], batch[1], mean, log_std, noise, behaviour_cloning)
+    actor_loss, alpha_loss, _ = ref.actor_loss(
+        batch[0], batch[1], mean, log_std, noise, behaviour_cloning
+    )
     g_a = torch.autograd.grad(actor_loss, list(ref.actor.parameters()))
     for p, g, p_got in zip(ref.actor.parameters(), g_a, agents.actor.parameters()):
         assert_close(p_got, p - 1e-4 * g / (g.abs() + eps), atol=1e-12, msg="actor step")
     (g_alpha,) = torch.autograd.grad(alpha_loss, [ref.log_alpha])
-    assert_close(agents.log_alpha, ref.log_alpha - 1e-4 * g_alpha / (g_alpha.abs() + eps), atol=1e-12, msg="alpha step")
+    assert_close(
+        agents.log_alpha,
+        ref.log_alpha - 1e-4 * g_alpha / (g_alpha.abs() + eps),
+        atol=1e-12,
+        msg="alpha step",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,23 +701,27 @@ def test_state_dict_round_trip_gives_identical_updates(f64):
         assert st_a.keys() == st_b.keys() and len(st_a) > 0
         for idx in st_a:
             for k in st_a[idx]:
-                assert torch.equal(torch.as_tensor(st_a[idx][k]), torch.as_tensor(st_b[idx][k])), f"{opt} {idx} {k}"
+                assert torch.equal(torch.as_tensor(st_a[idx][k]), torch.as_tensor(st_b[idx][k])), (
+                    f"{opt} {idx} {k}"
+                )
         assert sa[opt]["param_groups"] == sb[opt]["param_groups"]
 
 
 # ---------------------------------------------------------------------------------------
-# 7. ensemble_mean_action
+# 7. the merged policy's mean action (what evaluate() plays)
 # ---------------------------------------------------------------------------------------
-def test_ensemble_mean_action(f64):
+def test_merged_policy_mean_action(f64):
     N, B, A = 4, 5, 3
-    mean = torch.randn(N, B, A) * 2
-    got = ensemble_mean_action(mean)
+    mean, log_std = torch.randn(N, B, A) * 2, torch.randn(N, B, A)
+    got = torch.tanh(ensemble_gaussian(mean, log_std)[0])
     assert got.shape == (B, A)
     expected = torch.tanh(sum(mean[i] for i in range(N)) / N)
     assert_close(got, expected, atol=1e-14)
     # not the mean of the members' tanh actions
     assert not torch.allclose(got, torch.tanh(mean).mean(0))
-    assert_close(ensemble_mean_action(mean[:1]), torch.tanh(mean[0]), atol=1e-15)
+    assert_close(
+        torch.tanh(ensemble_gaussian(mean[:1], log_std[:1])[0]), torch.tanh(mean[0]), atol=1e-15
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -647,6 +741,13 @@ def test_soft_target_update(f64, tau):
     old_qf = [p.detach().clone() for p in agents.qf.parameters()]
     assert not all(torch.allclose(a, b) for a, b in zip(old_target, old_qf))
     agents.update(make_batch(N, B, obs_dim, A))
-    for pt, p, ot, oq in zip(agents.qf_target.parameters(), agents.qf.parameters(), old_target, old_qf):
+    for pt, p, ot, oq in zip(
+        agents.qf_target.parameters(), agents.qf.parameters(), old_target, old_qf
+    ):
         assert not torch.allclose(p, oq)  # the critics moved
-        assert_close(pt, (1 - tau) * ot + tau * p, atol=1e-14, msg="target = (1 - tau) old target + tau new critic")
+        assert_close(
+            pt,
+            (1 - tau) * ot + tau * p,
+            atol=1e-14,
+            msg="target = (1 - tau) old target + tau new critic",
+        )

@@ -1,4 +1,5 @@
-"""The data section of cql_pretrain.py: D4RL-style names -> Minari datasets / D4RL hdf5 -> flat transitions.
+"""The data section shared by the state-based scripts (tested through cql_pretrain.py): D4RL-style
+names -> Minari datasets / D4RL hdf5 -> flat transitions; and the local random datasets.
 
 Every Minari dataset here is made by the test itself with Minari's own writer in a temporary
 MINARI_DATASETS_PATH (conftest.py), from real rollouts whose observations and actions are known.
@@ -32,13 +33,21 @@ def rollout(env, seed, policy):
     """One episode with known actions: T+1 observations, T actions."""
     obs, _ = env.reset(seed=seed)
     rng = np.random.default_rng(seed)
-    ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+    ep = {
+        "observations": [obs],
+        "actions": [],
+        "rewards": [],
+        "terminations": [],
+        "truncations": [],
+    }
     t = 0
     while True:
         action = np.asarray(policy(t, rng), dtype=np.float32)
         obs, reward, terminated, truncated, _ = env.step(action)
-        for k, v in zip(("observations", "actions", "rewards", "terminations", "truncations"),
-                        (obs, action, reward, terminated, truncated)):
+        for k, v in zip(
+            ("observations", "actions", "rewards", "terminations", "truncations"),
+            (obs, action, reward, terminated, truncated),
+        ):
             ep[k].append(v)
         t += 1
         if terminated or truncated:
@@ -49,8 +58,17 @@ def write_minari(dataset_id, episodes, env_spec, refs=None):
     buffers = [EpisodeBuffer(id=i, **ep) for i, ep in enumerate(episodes)]
     kwargs = dict(ref_min_score=refs[0], ref_max_score=refs[1]) if refs is not None else {}
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env_spec, eval_env=env_spec, algorithm_name="test", author="test",
-        author_email="test@example.com", code_permalink="tests/test_data.py", description="test dataset", **kwargs)
+        dataset_id,
+        buffers,
+        env=env_spec,
+        eval_env=env_spec,
+        algorithm_name="test",
+        author="test",
+        author_email="test@example.com",
+        code_permalink="tests/test_data.py",
+        description="test dataset",
+        **kwargs,
+    )
 
 
 def hopper_env():
@@ -66,8 +84,16 @@ def medium_episodes():
         rollout(env, 3, lambda t, rng: -np.ones(3)),
     ]
     # the scenario this file relies on
-    assert eps[0]["terminations"][-1] and not eps[0]["truncations"][-1] and len(eps[0]["actions"]) < HOPPER_LIMIT
-    assert eps[1]["truncations"][-1] and not eps[1]["terminations"].any() and len(eps[1]["actions"]) == HOPPER_LIMIT
+    assert (
+        eps[0]["terminations"][-1]
+        and not eps[0]["truncations"][-1]
+        and len(eps[0]["actions"]) < HOPPER_LIMIT
+    )
+    assert (
+        eps[1]["truncations"][-1]
+        and not eps[1]["terminations"].any()
+        and len(eps[1]["actions"]) == HOPPER_LIMIT
+    )
     assert eps[2]["terminations"][-1] and not eps[2]["truncations"][-1]
     return eps
 
@@ -84,10 +110,14 @@ def expert_episodes():
 
 
 def flat(episodes):
-    """What the transitions of these episodes must be, built independently of the code under test."""
+    """What the transitions of these episodes must be, built apart from the code under test."""
     return {
-        "observations": np.concatenate([ep["observations"][:-1] for ep in episodes]).astype(np.float32),
-        "next_observations": np.concatenate([ep["observations"][1:] for ep in episodes]).astype(np.float32),
+        "observations": np.concatenate([ep["observations"][:-1] for ep in episodes]).astype(
+            np.float32
+        ),
+        "next_observations": np.concatenate([ep["observations"][1:] for ep in episodes]).astype(
+            np.float32
+        ),
         "actions": np.concatenate([ep["actions"] for ep in episodes]).astype(np.float32),
         "rewards": np.concatenate([ep["rewards"] for ep in episodes]).astype(np.float32),
         "terminations": np.concatenate([ep["terminations"] for ep in episodes]).astype(np.float32),
@@ -123,9 +153,11 @@ def test_d4rl_name_loads_local_minari_dataset():
     ends = np.cumsum(lengths) - 1
     for ep, s, e in zip(eps, starts, ends):
         # within an episode s' of t is s of t+1
-        np.testing.assert_array_equal(data.next_observations[s:e], data.observations[s + 1:e + 1])
+        np.testing.assert_array_equal(data.next_observations[s:e], data.observations[s + 1 : e + 1])
         # the last transition ends in the episode's own final observation ...
-        np.testing.assert_array_equal(data.next_observations[e], ep["observations"][-1].astype(np.float32))
+        np.testing.assert_array_equal(
+            data.next_observations[e], ep["observations"][-1].astype(np.float32)
+        )
         # ... never in the next episode's first one
         if e + 1 < len(data):
             assert not np.array_equal(data.next_observations[e], data.observations[e + 1])
@@ -147,7 +179,9 @@ def test_d4rl_name_loads_local_minari_dataset():
 
 def test_minari_dataset_without_refs_falls_back_to_d4rl_constants():
     write_minari("mujoco/hopper/medium-v0", medium_episodes(), hopper_env().spec, refs=None)
-    assert minari.load_dataset("mujoco/hopper/medium-v0").storage.metadata.get("ref_max_score") is None
+    assert (
+        minari.load_dataset("mujoco/hopper/medium-v0").storage.metadata.get("ref_max_score") is None
+    )
 
     data = load_offline_data("hopper-medium-v2")
     assert data.ref_returns == pytest.approx(cql_pretrain.D4RL_REF_RETURNS["hopper"])
@@ -172,7 +206,9 @@ def test_medium_expert_concatenates_medium_then_expert():
     # and not expert first
     assert not np.array_equal(data.observations[:n_exp], flat(exp)["observations"])
     # no transition crosses from the last medium episode into the first expert one
-    np.testing.assert_array_equal(data.next_observations[n_med - 1], med[-1]["observations"][-1].astype(np.float32))
+    np.testing.assert_array_equal(
+        data.next_observations[n_med - 1], med[-1]["observations"][-1].astype(np.float32)
+    )
     assert data.env_spec.max_episode_steps == HOPPER_LIMIT
     assert data.ref_returns == MEDIUM_REFS
 
@@ -201,7 +237,7 @@ def test_minari_id_given_directly_without_refs_uses_d4rl_constants_of_its_env():
 
 
 def test_minari_id_of_other_env_rescales_actions_and_has_no_refs():
-    """Pendulum's actions lie in [-2, 2]: the loader must map them to [-1, 1]; no D4RL refs exist for it."""
+    """Pendulum's actions lie in [-2, 2]: the loader maps them to [-1, 1]; it has no D4RL refs."""
     env = gym.make("Pendulum-v1", max_episode_steps=15)
     ep = rollout(env, 0, lambda t, rng: [(-2.0, 2.0, 1.0, 0.0, -1.0)[t % 5]])
     write_minari("test/pendulum/tiny-v0", [ep], env.spec, refs=None)
@@ -215,8 +251,12 @@ def test_minari_id_of_other_env_rescales_actions_and_has_no_refs():
 
 
 def test_dict_observations_are_rejected():
-    ep = types.SimpleNamespace(observations={"a": np.zeros((3, 2))}, actions=np.zeros((2, 1)), rewards=np.zeros(2),
-                               terminations=np.zeros(2, bool))
+    ep = types.SimpleNamespace(
+        observations={"a": np.zeros((3, 2))},
+        actions=np.zeros((2, 1)),
+        rewards=np.zeros(2),
+        terminations=np.zeros(2, bool),
+    )
     with pytest.raises(DatasetError, match="flat"):
         cql_pretrain.episodes_to_transitions([ep])
 
@@ -271,16 +311,24 @@ def test_hdf5_with_next_observations_keeps_all_rows(tmp_path, env_id):
 @pytest.mark.parametrize("env_id", ["hopper-medium-v2", "Hopper-v5"])
 def test_hdf5_without_next_observations_uses_next_row_and_drops_timeouts(tmp_path, env_id):
     a = d4rl_arrays()
-    path = write_hdf5(tmp_path / "d.hdf5", a, ["observations", "actions", "rewards", "terminals", "timeouts"])
+    path = write_hdf5(
+        tmp_path / "d.hdf5", a, ["observations", "actions", "rewards", "terminals", "timeouts"]
+    )
 
     data = load_offline_data(env_id, dataset_path=path)
-    kept = np.array([0, 1, 2, 3, 4, 5, 7, 8])  # row 6 (timeout) and row 9 (last row) have no known s'
+    kept = np.array(
+        [0, 1, 2, 3, 4, 5, 7, 8]
+    )  # row 6 (timeout) and row 9 (last row) have no known s'
     assert len(data) == len(kept)
     np.testing.assert_array_equal(data.observations, a["observations"][kept].astype(np.float32))
-    np.testing.assert_array_equal(data.next_observations, a["observations"][kept + 1].astype(np.float32))
+    np.testing.assert_array_equal(
+        data.next_observations, a["observations"][kept + 1].astype(np.float32)
+    )
     np.testing.assert_allclose(data.actions, a["actions"][kept], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(data.rewards, a["rewards"][kept].astype(np.float32))
-    np.testing.assert_array_equal(data.terminations, [0, 0, 0, 1, 0, 0, 0, 0])  # the terminal row is kept, d = 1
+    np.testing.assert_array_equal(
+        data.terminations, [0, 0, 0, 1, 0, 0, 0, 0]
+    )  # the terminal row is kept, d = 1
     assert data.env_spec.id == "Hopper-v5"
 
 
@@ -321,17 +369,23 @@ RANDOM_SIZE = 2500
 
 
 def replay_halfcheetah(env, obs, action):
-    """HalfCheetah-v5 from observation `obs` (x position left out: the dynamics don't depend on it)."""
+    """HalfCheetah-v5 from observation `obs` (x position left out: the dynamics don't use it)."""
     u = env.unwrapped
     qpos = np.concatenate([[0.0], obs[: u.model.nq - 1]])
-    qvel = obs[u.model.nq - 1:]
+    qvel = obs[u.model.nq - 1 :]
     u.set_state(qpos.astype(np.float64), qvel.astype(np.float64))
     next_obs, reward, terminated, _, _ = env.step(action)
     return next_obs, reward, terminated
 
 
+def random_data(size):
+    """cql_pretrain.py makes the dataset; every script loads it with the shared loader."""
+    cql_pretrain.make_random_dataset("halfcheetah", size)
+    return load_offline_data("halfcheetah-random-v2", random_dataset_size=size)
+
+
 def test_random_dataset_is_generated_by_the_v5_env():
-    data = load_offline_data("halfcheetah-random-v2", random_dataset_size=RANDOM_SIZE)
+    data = random_data(RANDOM_SIZE)
     assert len(data) == RANDOM_SIZE
     assert data.env_spec.id == "HalfCheetah-v5"
     assert data.observations.shape == (RANDOM_SIZE, 17) and data.actions.shape == (RANDOM_SIZE, 6)
@@ -347,8 +401,12 @@ def test_random_dataset_is_generated_by_the_v5_env():
     env = gym.make("HalfCheetah-v5")
     env.reset(seed=0)
     for i in [0, 1, 500, 999, 1000, 1700, RANDOM_SIZE - 1]:
-        next_obs, reward, _ = replay_halfcheetah(env, data.observations[i].astype(np.float64), data.actions[i])
-        np.testing.assert_allclose(data.next_observations[i], next_obs, atol=1e-3, rtol=1e-4, err_msg=f"transition {i}")
+        next_obs, reward, _ = replay_halfcheetah(
+            env, data.observations[i].astype(np.float64), data.actions[i]
+        )
+        np.testing.assert_allclose(
+            data.next_observations[i], next_obs, atol=1e-3, rtol=1e-4, err_msg=f"transition {i}"
+        )
         assert data.rewards[i] == pytest.approx(reward, abs=1e-3)
 
     # the dataset is stored as a local Minari dataset
@@ -357,9 +415,13 @@ def test_random_dataset_is_generated_by_the_v5_env():
 
 
 def test_random_dataset_is_stored_and_reused(monkeypatch, capsys):
-    first = load_offline_data("halfcheetah-random-v2", random_dataset_size=RANDOM_SIZE)
+    first = random_data(RANDOM_SIZE)
     root = os.environ["MINARI_DATASETS_PATH"]
-    files = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+    files = {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(root)
+        for f in fs
+    }
     assert files
     capsys.readouterr()
 
@@ -367,28 +429,80 @@ def test_random_dataset_is_stored_and_reused(monkeypatch, capsys):
         raise AssertionError("the random dataset was generated again")
 
     monkeypatch.setattr(minari, "create_dataset_from_buffers", no_regeneration)
-    second = load_offline_data("halfcheetah-random-v2", random_dataset_size=RANDOM_SIZE)
+    second = random_data(RANDOM_SIZE)
     assert "Generating" not in capsys.readouterr().out
     for k in ("observations", "actions", "rewards", "next_observations", "terminations"):
         np.testing.assert_array_equal(getattr(first, k), getattr(second, k))
-    files_after = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+    files_after = {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(root)
+        for f in fs
+    }
     assert files_after == files
 
 
 def test_random_dataset_size_is_part_of_its_identity():
-    small = load_offline_data("halfcheetah-random-v2", random_dataset_size=300)
+    small = random_data(300)
     assert len(small) == 300
-    other = load_offline_data("halfcheetah-random-v2", random_dataset_size=400)
+    other = random_data(400)
     assert len(other) == 400
 
 
 def test_random_dataset_is_deterministic(tmp_path, monkeypatch):
-    first = load_offline_data("halfcheetah-random-v2", random_dataset_size=RANDOM_SIZE)
+    first = random_data(RANDOM_SIZE)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "fresh"))
-    second = load_offline_data("halfcheetah-random-v2", random_dataset_size=RANDOM_SIZE)
+    second = random_data(RANDOM_SIZE)
     assert os.listdir(tmp_path / "fresh")  # really regenerated there
     for k in ("observations", "actions", "rewards", "next_observations", "terminations"):
         np.testing.assert_array_equal(getattr(first, k), getattr(second, k), err_msg=k)
+
+
+def test_a_missing_random_dataset_names_the_command_that_makes_it():
+    with pytest.raises(DatasetError) as e:
+        load_offline_data("halfcheetah-random-v2", random_dataset_size=123)
+    msg = str(e.value)
+    assert "off2on/halfcheetah/random-n123-v0" in msg and "\n" not in msg
+    command = "python cql_pretrain.py --env-id halfcheetah-random-v2 --random-dataset-size 123"
+    assert f"`{command} --dataset-only`" in msg
+    assert not minari.list_local_datasets()  # nothing was generated on the way
+
+
+def test_make_env_is_gym_make_without_the_deprecated_attribute(tmp_path, monkeypatch):
+    """HalfCheetah compiled without `settotalmass`, its masses scaled afterwards: the same model
+    (every array of it), the same spec, the same trajectory bit for bit, and MuJoCo's deprecation
+    warning is gone (it is printed by MuJoCo's C code, so a child process is watched)."""
+    monkeypatch.chdir(tmp_path)  # where MuJoCo writes its MUJOCO_LOG.TXT
+    spec = gym.spec("HalfCheetah-v5")
+    ours, theirs = cql_pretrain.make_env(spec), gym.make(spec)
+    assert ours.spec == theirs.spec and "xml_file" not in ours.spec.kwargs
+    m1, m2 = ours.unwrapped.model, theirs.unwrapped.model
+    arrays = [k for k in dir(m1) if isinstance(getattr(m1, k, None), np.ndarray)]
+    assert "body_mass" in arrays and m1.body_mass.sum() == pytest.approx(14.0)
+    for k in arrays:
+        np.testing.assert_array_equal(getattr(m1, k), getattr(m2, k), err_msg=k)
+    rng = np.random.default_rng(0)
+    (o1, _), (o2, _) = ours.reset(seed=3), theirs.reset(seed=3)
+    for _ in range(300):
+        np.testing.assert_array_equal(o1, o2)
+        action = rng.uniform(-1, 1, 6)
+        o1, r1, *_ = ours.step(action)
+        o2, r2, *_ = theirs.step(action)
+        assert r1 == r2
+    hopper = cql_pretrain.make_env(gym.spec("Hopper-v5"))  # other envs: plain gym.make
+    assert hopper.spec == gym.make("Hopper-v5").spec
+
+    code = (
+        "import gymnasium as gym, cql_pretrain; cql_pretrain.make_env(gym.spec('HalfCheetah-v5'))"
+    )
+    (tmp_path / "child").mkdir()
+    run = dict(cwd=tmp_path / "child", env={**os.environ, "PYTHONPATH": REPO}, capture_output=True)
+    quiet = subprocess.run([sys.executable, "-c", code], text=True, **run)
+    assert not (tmp_path / "child" / "MUJOCO_LOG.TXT").exists()
+    code = "import gymnasium as gym; gym.make('HalfCheetah-v5')"
+    warned = subprocess.run([sys.executable, "-c", code], text=True, **run)
+    assert quiet.returncode == 0 and warned.returncode == 0, quiet.stderr + warned.stderr
+    assert "settotalmass" in warned.stdout + warned.stderr  # the warning this avoids, still there
+    assert "settotalmass" not in quiet.stdout + quiet.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -411,13 +525,20 @@ def test_unknown_env_id_lists_what_is_expected():
     assert "--dataset-path" in msg
 
 
-@pytest.mark.parametrize("env_id,dataset_id", [("hopper-medium-v2", "mujoco/hopper/medium-v0"),
-                                               ("walker2d-medium-expert-v2", "mujoco/walker2d/medium-v0"),
-                                               ("mujoco/hopper/expert-v0", "mujoco/hopper/expert-v0")])
-def test_missing_minari_dataset_fails_fast_and_says_how_to_provide_it(monkeypatch, env_id, dataset_id):
+@pytest.mark.parametrize(
+    "env_id,dataset_id",
+    [
+        ("hopper-medium-v2", "mujoco/hopper/medium-v0"),
+        ("walker2d-medium-expert-v2", "mujoco/walker2d/medium-v0"),
+        ("mujoco/hopper/expert-v0", "mujoco/hopper/expert-v0"),
+    ],
+)
+def test_missing_minari_dataset_fails_fast_and_says_how_to_provide_it(
+    monkeypatch, env_id, dataset_id
+):
     import huggingface_hub.constants
 
-    # HF_HUB_OFFLINE is read when huggingface_hub is imported: make sure it holds whatever imported it first
+    # HF_HUB_OFFLINE is read when huggingface_hub is imported: hold it whoever imported it first
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     t0 = time.time()
     with pytest.raises(DatasetError) as e:
@@ -433,8 +554,21 @@ def test_missing_minari_dataset_fails_fast_and_says_how_to_provide_it(monkeypatc
 
 def test_cli_missing_dataset_is_one_error_line(tmp_path):
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "cql_pretrain.py"), "--env-id", "hopper-medium-v2", "--total-steps", "1"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "cql_pretrain.py"),
+            "--env-id",
+            "hopper-medium-v2",
+            "--total-steps",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     lines = p.stderr.strip().splitlines()
@@ -450,8 +584,10 @@ def test_cli_missing_dataset_is_one_error_line(tmp_path):
 # ---------------------------------------------------------------------------------------
 def test_normalized_score():
     assert cql_pretrain.normalized_score(50.0, (0.0, 200.0)) == pytest.approx(25.0)
-    np.testing.assert_allclose(cql_pretrain.normalized_score([-100.0, 0.0, 100.0, 300.0], (-100.0, 100.0)),
-                               [0.0, 50.0, 100.0, 200.0])
+    np.testing.assert_allclose(
+        cql_pretrain.normalized_score([-100.0, 0.0, 100.0, 300.0], (-100.0, 100.0)),
+        [0.0, 50.0, 100.0, 200.0],
+    )
     hopper = cql_pretrain.D4RL_REF_RETURNS["hopper"]
     assert cql_pretrain.normalized_score(-20.272305, hopper) == pytest.approx(0.0, abs=1e-9)
     assert cql_pretrain.normalized_score(3234.3, hopper) == pytest.approx(100.0)
@@ -460,7 +596,9 @@ def test_normalized_score():
 
 
 def test_scale_to_unit_and_back():
-    space = gym.spaces.Box(low=np.array([0.0, -2.0], np.float32), high=np.array([2.0, 2.0], np.float32))
+    space = gym.spaces.Box(
+        low=np.array([0.0, -2.0], np.float32), high=np.array([2.0, 2.0], np.float32)
+    )
     a = np.array([[0.0, -2.0], [2.0, 2.0], [1.0, 0.0], [0.5, 1.0], [3.0, -5.0]], np.float32)
     u = cql_pretrain.scale_to_unit(a, space)
     assert u.dtype == np.float32

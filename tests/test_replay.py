@@ -1,4 +1,4 @@
-"""Balanced replay of off2on_finetune.py (SPEC section 4) and the AUROC of the analyses (section 7).
+"""Balanced replay of off2on_finetune.py (paper section 4.1, eqs. 4 and 6); the AUROC of Fig. 4b.
 
 - SumTree: capacity, sampling frequencies (chi-square), stratification, vectorized sampling and
   updates against naive per-sample references, zero priorities, exact sums, a 2.5M-leaf tree.
@@ -10,7 +10,6 @@
 
 import io
 import math
-import time
 
 import gymnasium
 import numpy as np
@@ -48,17 +47,20 @@ def leaves(tree):
 def assert_sums_exact(tree):
     """Every internal node is exactly the sum of its two children."""
     internal = np.arange(1, tree.capacity)
-    np.testing.assert_array_equal(tree.nodes[internal], tree.nodes[2 * internal] + tree.nodes[2 * internal + 1])
+    np.testing.assert_array_equal(
+        tree.nodes[internal], tree.nodes[2 * internal] + tree.nodes[2 * internal + 1]
+    )
 
 
 def stratified_u(rng, tree, batch_size):
-    """The u's SumTree.sample draws with this rng: one uniform draw in each of B equal segments of [0, total)."""
+    """The u's SumTree.sample draws with this rng: one uniform draw in each of B equal segments of
+    [0, total)."""
     return (np.arange(batch_size) + rng.random(batch_size)) * (tree.total / batch_size)
 
 
 def naive_descent(tree, u_values):
-    """Per-sample reference: walk down from the root, going right when u passes the left sum (and the
-    right subtree holds some priority), subtracting the left sum."""
+    """Per-sample reference: walk down from the root, going right when u passes the left sum (and
+    the right subtree holds some priority), subtracting the left sum."""
     out = []
     for u in u_values:
         k = 1
@@ -112,8 +114,13 @@ def make_offline_data(n, seed=0):
 
 
 def random_transition(rng):
-    return (rng.standard_normal(OBS_DIM).astype(np.float32), rng.uniform(-1, 1, ACT_DIM).astype(np.float32),
-            float(rng.standard_normal()), rng.standard_normal(OBS_DIM).astype(np.float32), bool(rng.random() < 0.1))
+    return (
+        rng.standard_normal(OBS_DIM).astype(np.float32),
+        rng.uniform(-1, 1, ACT_DIM).astype(np.float32),
+        float(rng.standard_normal()),
+        rng.standard_normal(OBS_DIM).astype(np.float32),
+        bool(rng.random() < 0.1),
+    )
 
 
 def fill_online(replay, n, seed=1):
@@ -125,14 +132,21 @@ def fill_online(replay, n, seed=1):
 
 
 def chi2_sf(stat, df):
-    """Upper tail of the chi-square distribution: Q(df / 2, stat / 2), the regularized upper incomplete gamma."""
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    """Upper tail of the chi-square distribution: Q(df / 2, stat / 2), the regularized upper
+    incomplete gamma."""
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # SumTree
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("size, capacity", [(1, 1), (2, 2), (5, 8), (8, 8), (9, 16), (2_500_000, 4_194_304)])
+@pytest.mark.parametrize(
+    "size, capacity", [(1, 1), (2, 2), (5, 8), (8, 8), (9, 16), (2_500_000, 4_194_304)]
+)
 def test_sumtree_capacity_is_next_power_of_two(size, capacity):
     tree = ft.SumTree(size)
     assert tree.capacity == capacity
@@ -143,7 +157,9 @@ def test_sumtree_capacity_is_next_power_of_two(size, capacity):
 def test_sumtree_single_leaf():
     tree = make_tree([2.5])
     assert tree.total == 2.5
-    np.testing.assert_array_equal(tree.sample(7, np.random.default_rng(0)), np.zeros(7, dtype=np.int64))
+    np.testing.assert_array_equal(
+        tree.sample(7, np.random.default_rng(0)), np.zeros(7, dtype=np.int64)
+    )
 
 
 def test_sumtree_sampling_frequencies_chi_square():
@@ -174,7 +190,8 @@ def test_sumtree_sampling_frequencies_chi_square():
 
 def test_sumtree_sampling_is_stratified():
     """Draw i of sample(B) lies in the i-th of B equal segments of [0, total): the drawn leaf's
-    cumulative interval [c_(j-1), c_j) meets segment i, and the leaves come in non-decreasing order."""
+    cumulative interval [c_(j-1), c_j) meets segment i, and the leaves come in non-decreasing
+    order."""
     rng = np.random.default_rng(0)
     p = rng.random(300) * (rng.random(300) < 0.7)  # 30% zeros
     tree = make_tree(p)
@@ -232,7 +249,9 @@ def test_sumtree_never_draws_zero_priority_leaves():
     p = np.zeros(n)
     positive = rng.choice(n, 20, replace=False)
     p[positive] = rng.exponential(size=20)
-    p[positive[:3]] = 1e-300  # tiny but positive: still drawable in principle, never mistaken for zero
+    p[positive[:3]] = (
+        1e-300  # tiny but positive: still drawable in principle, never mistaken for zero
+    )
     tree = make_tree(p)
     draws = np.concatenate([tree.sample(256, rng) for _ in range(200)])
     assert np.all(p[draws] > 0)
@@ -240,19 +259,22 @@ def test_sumtree_never_draws_zero_priority_leaves():
     assert set(positive[3:]) <= set(draws.tolist())
 
 
-@pytest.mark.parametrize("priorities", [
-    [0, 1, 0, 0, 1, 0, 0, 0],
-    [1, 0, 0, 1],
-    [0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    [2, 0, 0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0, 3],
-    [1, 0, 1, 0, 1, 0, 1, 0],
-    [0, 1, 0, 1, 0, 1, 0, 1],
-    [0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],
-])
+@pytest.mark.parametrize(
+    "priorities",
+    [
+        [0, 1, 0, 0, 1, 0, 0, 0],
+        [1, 0, 0, 1],
+        [0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [2, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 3],
+        [1, 0, 1, 0, 1, 0, 1, 0],
+        [0, 1, 0, 1, 0, 1, 0, 1],
+        [0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],
+    ],
+)
 def test_sumtree_zero_leaves_at_exact_boundaries(priorities):
-    """u exactly on a cumulative boundary (r = 0), just below one (r = 1 - 2^-53), and r so close to 1
-    that (B - 1 + r) rounds up to B, making u == total: never a zero-priority leaf."""
+    """u exactly on a cumulative boundary (r = 0), just below one (r = 1 - 2^-53), and r so close
+    to 1 that (B - 1 + r) rounds up to B, making u == total: never a zero-priority leaf."""
     p = np.array(priorities, dtype=np.float64)
     tree = make_tree(p)
     total = int(p.sum())
@@ -263,13 +285,13 @@ def test_sumtree_zero_leaves_at_exact_boundaries(priorities):
             assert np.all(p[idx] > 0), (batch_size, r, idx)
             u = (np.arange(batch_size) + fixed) * (tree.total / batch_size)
             np.testing.assert_array_equal(idx, naive_descent(tree, u))
-            if r == 0.0:  # u on the left edge of a leaf's interval picks that leaf: first j with c_j > u
+            if r == 0.0:  # u on the left edge of a leaf's interval picks it: first j with c_j > u
                 np.testing.assert_array_equal(idx, np.searchsorted(np.cumsum(p), u, side="right"))
 
 
 def test_sumtree_vectorized_update_matches_naive_and_keeps_sums_exact():
-    """10k vectorized updates, with repeated indices inside one batch (the last value wins), against a
-    per-element reference; every internal node stays exactly the sum of its children."""
+    """10k vectorized updates, with repeated indices inside one batch (the last value wins),
+    against a per-element reference; every internal node stays exactly the sum of its children."""
     rng = np.random.default_rng(4)
     n = 1000
     tree = ft.SumTree(n)
@@ -286,7 +308,9 @@ def test_sumtree_vectorized_update_matches_naive_and_keeps_sums_exact():
         for i, v in zip(idx, values):
             expected_leaves[i] = v
         if check:
-            np.testing.assert_array_equal(tree.nodes, naive_update(before, tree.capacity, idx, values))
+            np.testing.assert_array_equal(
+                tree.nodes, naive_update(before, tree.capacity, idx, values)
+            )
     np.testing.assert_array_equal(leaves(tree)[:n], expected_leaves)
     assert np.all(leaves(tree)[n:] == 0)
     assert_sums_exact(tree)
@@ -315,19 +339,12 @@ def test_sumtree_update_from_a_full_tree_matches_naive():
 def test_sumtree_2_5m_leaves():
     n = 2_500_000
     rng = np.random.default_rng(6)
-    t0 = time.perf_counter()
     tree = ft.SumTree(n)
     p = rng.random(n) * (rng.random(n) < 0.5)
-    t1 = time.perf_counter()
     tree.update(np.arange(n), p)
-    t2 = time.perf_counter()
     draws = np.concatenate([tree.sample(256, rng) for _ in range(100)])
-    t3 = time.perf_counter()
     idx = rng.integers(0, n, 256)
     tree.update(idx, rng.random(256))
-    t4 = time.perf_counter()
-    print(f"2.5M-leaf tree (capacity {tree.capacity:,}): update all {t2 - t1:.3f} s, "
-          f"sample(256) {(t3 - t2) / 100 * 1e3:.3f} ms, update(256) {(t4 - t3) * 1e3:.3f} ms")
     assert tree.capacity == 1 << 22
     assert np.all(draws < n) and np.all(tree.get(draws) > 0)
     assert_sums_exact(tree)
@@ -351,14 +368,19 @@ def test_density_ratio_init_nonnegative_and_near_one():
 
 
 def test_density_ratio_recovers_from_a_near_zero_output():
-    """An online sample the net maps to w ~ 0 still gets a gradient that raises w (with SPEC's ReLU
-    output it got none: w stayed 0 and the sample's loss at -log(1e-10), as measured in a pixel run)."""
+    """An online sample the net maps to w ~ 0 still gets a gradient that raises w (with a ReLU
+    output it got none: w stayed 0 and the sample's loss at -log(1e-10), as seen in a pixel run)."""
     torch.manual_seed(0)
     net = ft.DensityRatio(1, 1, hidden_sizes=(8,))
     with torch.no_grad():
         net.net[-1].bias.fill_(-30.0)  # every output far below zero before the activation
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    s_on, a_on, s_off, a_off = torch.randn(64, 1) + 1, torch.randn(64, 1), torch.randn(64, 1), torch.randn(64, 1)
+    s_on, a_on, s_off, a_off = (
+        torch.randn(64, 1) + 1,
+        torch.randn(64, 1),
+        torch.randn(64, 1),
+        torch.randn(64, 1),
+    )
     first = ft.density_ratio_loss(net(s_on, a_on), net(s_off, a_off)).item()
     for _ in range(500):
         loss = ft.density_ratio_loss(net(s_on, a_on), net(s_off, a_off))
@@ -370,8 +392,9 @@ def test_density_ratio_recovers_from_a_near_zero_output():
 
 def test_density_ratio_loss_value():
     w_on, w_off = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([0.25, 3.0])
-    expected = (np.mean([-math.log(2 / 1.25 + 1e-10), -math.log(2 / 4.0 + 1e-10)])
-                - np.mean([math.log(2 * w / (w + 1) + 1e-10) for w in (0.5, 2.0, 1.0)]))
+    expected = np.mean([-math.log(2 / 1.25 + 1e-10), -math.log(2 / 4.0 + 1e-10)]) - np.mean(
+        [math.log(2 * w / (w + 1) + 1e-10) for w in (0.5, 2.0, 1.0)]
+    )
     assert ft.density_ratio_loss(w_on, w_off).item() == pytest.approx(expected, rel=1e-6)
     # w = 0 for an online sample: finite, thanks to the 1e-10
     assert math.isfinite(ft.density_ratio_loss(torch.tensor([0.0]), torch.tensor([1.0])).item())
@@ -398,10 +421,10 @@ def test_density_ratio_loss_minimizer_is_the_ratio():
 
 
 def test_density_ratio_recovers_gaussian_ratio(one_thread):
-    """online s ~ N(1, 1), offline s ~ N(0, 1), the action an independent N(0, 1) coordinate in both:
-    d_on / d_off = exp(s - 1/2). After 3000 Adam steps (batches of 512, lr 1e-3 decayed to 1e-4,
-    hidden (64, 64)) w is within 25% of it on s in [-1, 2] (where both densities are >= 0.05)
-    for several actions. Over seeds 0-7 the worst error was 11%."""
+    """online s ~ N(1, 1), offline s ~ N(0, 1), the action an independent N(0, 1) coordinate in
+    both: d_on / d_off = exp(s - 1/2). After 3000 Adam steps (batches of 512, lr 1e-3 decayed to
+    1e-4, hidden (64, 64)) w is within 25% of it on s in [-1, 2] (where both densities are
+    >= 0.05) for several actions. Over seeds 0-7 the worst error was 11%."""
     torch.manual_seed(0)
     net = ft.DensityRatio(1, 1, hidden_sizes=(64, 64))
     steps, batch = 3000, 512
@@ -432,15 +455,26 @@ def test_priority_hand_values():
     w_off = torch.tensor([1.0, 32.0, 243.0])  # ^(1/5): 1, 2, 3 -> mean 2
     w = torch.tensor([0.0, 1e-20, 1.0, 32.0, 100.0, 1024.0, 1e20])
     p = ft.priority(w, w_off, 5.0)
-    expected = [1e-3,  # 0 -> clamped up
-                1e-3,  # 1e-4 / 2 = 5e-5 -> clamped up
-                0.5, 1.0, 100 ** 0.2 / 2, 2.0,
-                1e3]  # 1e4 / 2 -> clamped down
+    expected = [
+        1e-3,  # 0 -> clamped up
+        1e-3,  # 1e-4 / 2 = 5e-5 -> clamped up
+        0.5,
+        1.0,
+        100**0.2 / 2,
+        2.0,
+        1e3,
+    ]  # 1e4 / 2 -> clamped down
     np.testing.assert_allclose(p.numpy(), expected, rtol=1e-5)
     # T = 1: plain self-normalized ratio
-    np.testing.assert_allclose(ft.priority(torch.tensor([3.0, 6.0]), torch.tensor([1.0, 2.0]), 1.0).numpy(), [2.0, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        ft.priority(torch.tensor([3.0, 6.0]), torch.tensor([1.0, 2.0]), 1.0).numpy(),
+        [2.0, 4.0],
+        rtol=1e-6,
+    )
     # T = 2
-    np.testing.assert_allclose(ft.priority(torch.tensor([16.0]), torch.tensor([1.0, 9.0]), 2.0).numpy(), [2.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        ft.priority(torch.tensor([16.0]), torch.tensor([1.0, 9.0]), 2.0).numpy(), [2.0], rtol=1e-6
+    )
 
 
 def test_priority_matches_formula_on_random_values():
@@ -459,11 +493,18 @@ def test_priority_matches_formula_on_random_values():
 # ---------------------------------------------------------------------------------------
 def test_replay_initial_priorities():
     n_off, f, epoch_length = 3000, 0.75, 1000
-    replay = ft.BalancedReplay(make_offline_data(n_off), online_capacity=2000, init_online_fraction=f,
-                               epoch_length=epoch_length, seed=0)
+    replay = ft.BalancedReplay(
+        make_offline_data(n_off),
+        online_capacity=2000,
+        init_online_fraction=f,
+        epoch_length=epoch_length,
+        seed=0,
+    )
     p_new = n_off * f / ((1 - f) * epoch_length)  # 9.0
     np.testing.assert_array_equal(replay.tree.get(np.arange(n_off)), np.ones(n_off))
-    assert np.all(replay.tree.get(np.arange(n_off, replay.tree.capacity)) == 0)  # online slots and padding
+    assert np.all(
+        replay.tree.get(np.arange(n_off, replay.tree.capacity)) == 0
+    )  # online slots and padding
     assert replay.tree.total == n_off
     assert replay.new_priority == pytest.approx(p_new)
     fill_online(replay, 10)
@@ -475,22 +516,36 @@ def test_replay_initial_priorities():
     np.testing.assert_allclose(replay.tree.get(np.arange(n_off + 10, n_off + 13)), 50.0)
     np.testing.assert_allclose(replay.tree.get([0, 5, n_off + 2]), [50.0, 0.1, 0.2])
     # priorities below P_new everywhere: new samples still enter at P_new
-    replay2 = ft.BalancedReplay(make_offline_data(n_off), online_capacity=100, init_online_fraction=f,
-                                epoch_length=epoch_length, seed=0)
+    replay2 = ft.BalancedReplay(
+        make_offline_data(n_off),
+        online_capacity=100,
+        init_online_fraction=f,
+        epoch_length=epoch_length,
+        seed=0,
+    )
     fill_online(replay2, 5)
     replay2.update_priorities(np.arange(n_off + 5), np.full(n_off + 5, 0.5))
     fill_online(replay2, 1, seed=3)
     assert replay2.tree.get(n_off + 5) == pytest.approx(p_new)
 
 
-@pytest.mark.parametrize("f, n_off, epoch_length", [(0.75, 3000, 1000), (0.5, 3000, 1000), (0.75, 2000, 500), (0.6, 2500, 700)])
+@pytest.mark.parametrize(
+    "f, n_off, epoch_length",
+    [(0.75, 3000, 1000), (0.5, 3000, 1000), (0.75, 2000, 500), (0.6, 2500, 700)],
+)
 def test_replay_first_batches_have_the_online_fraction(f, n_off, epoch_length):
-    """After one epoch of online samples at P_new, the online mass is M_off f / (1 - f), so a share f
-    of the RL batches is online. Over 200 batches of 256 (51,200 draws) even iid sampling would put
-    the mean within 5 standard errors sqrt(f (1 - f) / 51200) <= 0.011 of f; we allow 0.011. The
-    stratified sampler does better: each batch is within 2 of 256 f (online leaves are contiguous)."""
-    replay = ft.BalancedReplay(make_offline_data(n_off), online_capacity=epoch_length + 10, init_online_fraction=f,
-                               epoch_length=epoch_length, seed=0)
+    """After one epoch of online samples at P_new, the online mass is M_off f / (1 - f), so a
+    share f of the RL batches is online. Over 200 batches of 256 (51,200 draws) even iid sampling
+    would put the mean within 5 standard errors sqrt(f (1 - f) / 51200) <= 0.011 of f; we allow
+    0.011. The stratified sampler does better: each batch is within 2 of 256 f (online leaves are
+    contiguous)."""
+    replay = ft.BalancedReplay(
+        make_offline_data(n_off),
+        online_capacity=epoch_length + 10,
+        init_online_fraction=f,
+        epoch_length=epoch_length,
+        seed=0,
+    )
     fill_online(replay, epoch_length)
     batches = [replay.sample_indices(256) for _ in range(200)]
     online_per_batch = np.array([(b >= n_off).sum() for b in batches])
@@ -502,7 +557,9 @@ def test_replay_first_batches_have_the_online_fraction(f, n_off, epoch_length):
 
 def test_replay_uniform_mode():
     n_off, n_on = 1000, 300
-    replay = ft.BalancedReplay(make_offline_data(n_off), online_capacity=1000, mode="uniform", seed=0)
+    replay = ft.BalancedReplay(
+        make_offline_data(n_off), online_capacity=1000, mode="uniform", seed=0
+    )
     fill_online(replay, n_on)
     draws = np.concatenate([replay.sample_indices(256) for _ in range(400)])  # 102,400
     assert draws.min() >= 0 and draws.max() < n_off + n_on
@@ -517,7 +574,9 @@ def test_replay_uniform_mode():
 
 def test_replay_online_only_mode():
     n_off, n_on = 1000, 50
-    replay = ft.BalancedReplay(make_offline_data(n_off), online_capacity=100, mode="online-only", seed=0)
+    replay = ft.BalancedReplay(
+        make_offline_data(n_off), online_capacity=100, mode="online-only", seed=0
+    )
     fill_online(replay, n_on)
     draws = np.concatenate([replay.sample_indices(256) for _ in range(100)])
     assert draws.min() >= n_off and draws.max() < n_off + n_on
@@ -527,8 +586,9 @@ def test_replay_online_only_mode():
 @pytest.mark.parametrize("mode", ["balanced", "uniform", "online-only"])
 def test_replay_density_ratio_indices(mode):
     n_off, n_on, recent = 800, 100, 30
-    replay = ft.BalancedReplay(make_offline_data(n_off), online_capacity=200, mode=mode,
-                               online_buffer_size=recent, seed=0)
+    replay = ft.BalancedReplay(
+        make_offline_data(n_off), online_capacity=200, mode=mode, online_buffer_size=recent, seed=0
+    )
     fill_online(replay, n_on)
     end = n_off + n_on
     on_all, off_all, rep_all = [], [], []
@@ -541,12 +601,18 @@ def test_replay_density_ratio_indices(mode):
         on_all.append(online)
         rep_all.append(whole)
     on_all, off_all, rep_all = map(np.concatenate, (on_all, off_all, rep_all))
-    assert set(on_all.tolist()) == set(range(end - recent, end))  # only (and all of) the 30 most recent
+    assert set(on_all.tolist()) == set(
+        range(end - recent, end)
+    )  # only (and all of) the 30 most recent
     assert set(off_all.tolist()) <= set(range(n_off)) and len(set(off_all.tolist())) > 0.9 * n_off
     assert rep_all.min() >= 0 and rep_all.max() < end
-    assert abs((rep_all >= n_off).mean() - n_on / end) < 0.01  # uniform over the whole buffer (5 s.e. = 0.0098)
+    assert (
+        abs((rep_all >= n_off).mean() - n_on / end) < 0.01
+    )  # uniform over the whole buffer (5 s.e. = 0.0098)
     # fewer online transitions than online_buffer_size: all of them
-    replay2 = ft.BalancedReplay(make_offline_data(n_off), online_capacity=200, mode=mode, online_buffer_size=1000, seed=0)
+    replay2 = ft.BalancedReplay(
+        make_offline_data(n_off), online_capacity=200, mode=mode, online_buffer_size=1000, seed=0
+    )
     fill_online(replay2, 7)
     online, _ = replay2.density_ratio_indices(2000)
     assert set(online.tolist()) == set(range(n_off, n_off + 7))
@@ -572,7 +638,9 @@ def test_replay_get_returns_stored_rows():
             want = [obs, action, np.float32(reward), next_obs, np.float32(terminated)]
         for row, w in zip(rows, want):
             np.testing.assert_array_equal(row[k].numpy(), w)
-    obs, actions = replay.get(idx, ("observations", "actions"))  # a subset of the fields, in the order asked
+    obs, actions = replay.get(
+        idx, ("observations", "actions")
+    )  # a subset of the fields, in the order asked
     np.testing.assert_array_equal(obs.numpy(), rows[0].numpy())
     np.testing.assert_array_equal(actions.numpy(), rows[1].numpy())
 
@@ -581,14 +649,23 @@ def test_replay_get_returns_stored_rows():
 def test_replay_state_dict_round_trip(mode):
     n_off = 600
     data = make_offline_data(n_off)
-    kwargs = dict(online_capacity=400, mode=mode, init_online_fraction=0.75, epoch_length=100, online_buffer_size=50, seed=3)
+    kwargs = dict(
+        online_capacity=400,
+        mode=mode,
+        init_online_fraction=0.75,
+        epoch_length=100,
+        online_buffer_size=50,
+        seed=3,
+    )
     replay = ft.BalancedReplay(data, **kwargs)
     fill_online(replay, 150)
     for _ in range(5):
         idx = replay.sample_indices(64)
         replay.density_ratio_indices(64)
         if mode == "balanced":
-            replay.update_priorities(idx, np.random.default_rng(int(idx[0])).exponential(size=64) * 3)
+            replay.update_priorities(
+                idx, np.random.default_rng(int(idx[0])).exponential(size=64) * 3
+            )
     buffer = io.BytesIO()
     torch.save(replay.state_dict(), buffer)  # through a checkpoint file, read as the script does
     buffer.seek(0)
@@ -599,13 +676,17 @@ def test_replay_state_dict_round_trip(mode):
     assert restored.n_online == replay.n_online == 150
     end = n_off + 150
     for name in ft.FIELDS:
-        torch.testing.assert_close(restored.storage[name][:end], replay.storage[name][:end], rtol=0, atol=0)
+        torch.testing.assert_close(
+            restored.storage[name][:end], replay.storage[name][:end], rtol=0, atol=0
+        )
     if mode == "balanced":
         np.testing.assert_array_equal(restored.tree.nodes, replay.tree.nodes)
         assert restored.max_priority == replay.max_priority
     for _ in range(5):
         np.testing.assert_array_equal(restored.sample_indices(128), replay.sample_indices(128))
-        for a, b in zip(restored.density_ratio_indices(64, "replay"), replay.density_ratio_indices(64, "replay")):
+        for a, b in zip(
+            restored.density_ratio_indices(64, "replay"), replay.density_ratio_indices(64, "replay")
+        ):
             np.testing.assert_array_equal(a, b)
     # and they keep going identically: same new rows, same entry priority
     t = random_transition(np.random.default_rng(7))
@@ -631,7 +712,10 @@ def test_auroc_matches_pairwise_count_with_ties():
             if levels is None:
                 pos, neg = rng.normal(0.3, 1, n_pos), rng.normal(0, 1, n_neg)
             else:  # many ties, within and across the two groups
-                pos, neg = rng.integers(0, levels, n_pos).astype(float), rng.integers(0, levels, n_neg).astype(float) - 0.5 * rng.integers(0, 2)
+                pos, neg = (
+                    rng.integers(0, levels, n_pos).astype(float),
+                    rng.integers(0, levels, n_neg).astype(float) - 0.5 * rng.integers(0, 2),
+                )
             assert ft.auroc(pos, neg) == pytest.approx(brute_force_auroc(pos, neg), abs=1e-12)
     assert ft.auroc([1.0], [1.0]) == 0.5
     assert ft.auroc([2.0, 1.0], [1.0, 0.0]) == pytest.approx(0.875)  # 3 wins + 1 tie of 4 pairs
@@ -643,7 +727,7 @@ def test_auroc_extremes():
     assert ft.auroc(pos, neg) == 1.0
     assert ft.auroc(neg, pos) == 0.0
     assert ft.auroc(np.full(40, 3.0), np.full(60, 3.0)) == 0.5
-    # identical distributions: 0.5 up to sampling noise, sd = sqrt((n1 + n2 + 1) / (12 n1 n2)) = 0.0065
+    # identical distributions: 0.5 up to noise, sd = sqrt((n1 + n2 + 1) / (12 n1 n2)) = 0.0065
     values = [ft.auroc(rng.normal(size=2000), rng.normal(size=2000)) for _ in range(3)]
     assert all(abs(v - 0.5) < 0.03 for v in values)
     # float32 scores (as q_discrimination passes them)
@@ -661,9 +745,17 @@ def test_priority_stays_finite_when_every_offline_w_is_zero():
 def test_non_finite_priorities_are_refused():
     rng = np.random.default_rng(0)
     n = 50
-    data = ft.OfflineData(rng.standard_normal((n, 17), dtype=np.float32), rng.uniform(-1, 1, (n, 6)).astype(np.float32),
-                          np.zeros(n, np.float32), rng.standard_normal((n, 17), dtype=np.float32), np.zeros(n, np.float32),
-                          gymnasium.spec("HalfCheetah-v5"), "test", None, "none")
+    data = ft.OfflineData(
+        rng.standard_normal((n, 17), dtype=np.float32),
+        rng.uniform(-1, 1, (n, 6)).astype(np.float32),
+        np.zeros(n, np.float32),
+        rng.standard_normal((n, 17), dtype=np.float32),
+        np.zeros(n, np.float32),
+        gymnasium.spec("HalfCheetah-v5"),
+        "test",
+        None,
+        "none",
+    )
     replay = ft.BalancedReplay(data, 10)
     total = replay.tree.total
     with pytest.raises(ValueError, match="non-finite priorities"):

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(
     f
     for f in os.listdir(ROOT)
-    if f.endswith(".py") and "Shared word for word" in open(os.path.join(ROOT, f)).read(2000)
+    if f.endswith(".py") and "Shared word for word" in open(os.path.join(ROOT, f)).read()
 )
 BLOCK = re.compile(r"^    (\S[^\[]*?) \[([\w ]+)\]: (.*)$")
 
