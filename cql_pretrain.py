@@ -316,35 +316,25 @@ class CQLEnsemble:
         """Bellman error + cql_alpha * CQL(H) regularizer (eq. 3) for both critics of all agents.
         Inputs [N, B, ...]; mean/log_std: the actor at s, detached."""
         with torch.no_grad():
-            next_mean, next_log_std = self.actor(next_obs)
-            next_actions, next_log_pi = tanh_gaussian_sample(
-                next_mean, next_log_std, noise["target"]
-            )
+            next_pi = self.actor(next_obs)  # mean, log_std at s'
+            next_actions, next_log_pi = tanh_gaussian_sample(*next_pi, noise["target"])
             next_q = self.qf_target(next_obs, next_actions).min(1).values  # [N, B]
             if not self.deterministic_backup:
                 next_q = next_q - self.log_alpha.exp()[:, None] * next_log_pi
             target = rewards + self.gamma * (1 - terminations) * next_q
-            proposals, log_density = cql_proposals(mean, log_std, next_mean, next_log_std, noise)
+            proposals, log_density = cql_proposals(mean, log_std, *next_pi, noise)
         q = q_data_and_proposals(self.qf, obs, actions, proposals)
         q_data = q[:, :, 0]  # [N, 2, B]
-        bellman_loss = ((q_data - target[:, None]) ** 2).mean(
-            -1
-        )  # [N, 2]: plain MSE, as CQL's code
+        bellman_loss = ((q_data - target[:, None]) ** 2).mean(-1)  # [N, 2]: MSE, as CQL's code
         cql_loss = cql_gap(q, log_density)  # [N, 2]
         loss = (bellman_loss + self.cql_alpha * cql_loss).sum()
-        logs = {
-            "qf_loss": bellman_loss.mean(),
-            "cql_loss": cql_loss.mean(),
-            "q_data": q_data.mean(),
-        }
-        return loss, logs
+        logs = {"qf_loss": bellman_loss.mean(), "cql_loss": cql_loss.mean()}
+        return loss, {**logs, "q_data": q_data.mean()}
 
     def actor_loss(self, obs, actions, mean, log_std, noise, behaviour_cloning: bool):
         """E[alpha log pi(a|s) - min_k Q_k(s, a)] (eq. 2), or for the first bc_steps
         E[alpha log pi(a|s) - log pi(a_data|s)]; plus the temperature loss. Summed over members."""
-        pi_actions, log_pi = tanh_gaussian_sample(
-            mean, log_std, noise["actor"]
-        )  # [N, B, A], [N, B]
+        pi_actions, log_pi = tanh_gaussian_sample(mean, log_std, noise["actor"])  # [N, B, (A)]
         if behaviour_cloning:
             data_u = torch.atanh(actions.clamp(-1 + 1e-6, 1 - 1e-6))
             objective = tanh_gaussian_log_prob(mean, log_std, data_u)
@@ -352,9 +342,10 @@ class CQLEnsemble:
             objective = self.qf(obs, pi_actions).min(1).values
         alpha = self.log_alpha.exp()[:, None].detach()
         actor_loss = (alpha * log_pi - objective).mean(-1).sum()
-        alpha_loss = -(self.log_alpha[:, None] * (log_pi.detach() + self.target_entropy)).mean(-1)
+        entropy_gap = log_pi.detach() + self.target_entropy
+        alpha_loss = -(self.log_alpha[:, None] * entropy_gap).mean(-1).sum()
         logs = {"actor_loss": actor_loss / self.ensemble_size, "alpha": alpha.mean()}
-        return actor_loss, alpha_loss.sum(), {**logs, "entropy": -log_pi.mean()}
+        return actor_loss, alpha_loss, {**logs, "entropy": -log_pi.mean()}
 
     def update(self, batch, behaviour_cloning=False, noise=None) -> dict:
         """One gradient step of every agent: the critics, then the actors and temperatures against
@@ -368,10 +359,8 @@ class CQLEnsemble:
         self.qf_optimizer.step()
 
         self.qf.requires_grad_(False)  # the actor loss only trains the actors
-        pi = (mean, log_std)
-        actor_loss, alpha_loss, actor_logs = self.actor_loss(
-            obs, actions, *pi, noise, behaviour_cloning
-        )
+        losses = self.actor_loss(obs, actions, mean, log_std, noise, behaviour_cloning)
+        actor_loss, alpha_loss, actor_logs = losses
         self.qf.requires_grad_(True)
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.alpha_optimizer.zero_grad(set_to_none=True)

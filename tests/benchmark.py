@@ -61,9 +61,8 @@ def mlp_flops(rows, sizes, backward=None) -> int:
 def cql_update_flops(N, B, M, obs_dim, action_dim, hidden) -> int:
     critic, actor = [obs_dim + action_dim, *hidden, 1], [obs_dim, *hidden, 2 * action_dim]
     per_agent = (
-        mlp_flops(
-            2 * (1 + 3 * M) * B, critic, "weights"
-        )  # both critics at s: data action + 3M proposals
+        # both critics at s: data action + 3M proposals
+        mlp_flops(2 * (1 + 3 * M) * B, critic, "weights")
         + mlp_flops(2 * B, critic)  # target critics at s'
         + mlp_flops(B, actor)  # pi(.|s')
         + mlp_flops(B, actor, "weights")  # pi(.|s), trained
@@ -85,9 +84,8 @@ def finetune_step_flops(N, B, obs_dim, action_dim, hidden) -> int:
         + mlp_flops(B, actor, "weights")  # pi_i(.|s), trained through pi_E
         + mlp_flops(2 * B, critic, "inputs")  # critics in the actor loss
     )
-    return N * per_member + mlp_flops(
-        3 * B, ratio, "weights"
-    )  # density ratio: RL batch, online and offline batches
+    # density ratio: RL batch, online and offline batches
+    return N * per_member + mlp_flops(3 * B, ratio, "weights")
 
 
 def median_seconds(fn, repeats, device) -> float:

@@ -514,12 +514,8 @@ def _opt_slices(i):
 
 @pytest.mark.parametrize("deterministic_backup,B,M", [(True, 5, 3), (False, 5, 3), (True, 70, 10)])
 def test_vectorized_update_equals_single_agent_updates(f64, deterministic_backup, B, M):
-    N, obs_dim, A, hidden = (
-        3,
-        4,
-        2,
-        (16, 16),
-    )  # B=70, M=10: 2170 rows a critic, tall enough for any per-agent path
+    # B=70, M=10: 2170 rows a critic, tall enough for any per-agent path
+    N, obs_dim, A, hidden = (3, 4, 2, (16, 16))
     kw = dict(
         cql_alpha=5.0,
         cql_n_actions=M,

@@ -316,9 +316,8 @@ def test_hdf5_without_next_observations_uses_next_row_and_drops_timeouts(tmp_pat
     )
 
     data = load_offline_data(env_id, dataset_path=path)
-    kept = np.array(
-        [0, 1, 2, 3, 4, 5, 7, 8]
-    )  # row 6 (timeout) and row 9 (last row) have no known s'
+    # row 6 (timeout) and row 9 (last row) have no known s'
+    kept = np.array([0, 1, 2, 3, 4, 5, 7, 8])
     assert len(data) == len(kept)
     np.testing.assert_array_equal(data.observations, a["observations"][kept].astype(np.float32))
     np.testing.assert_array_equal(
@@ -326,9 +325,8 @@ def test_hdf5_without_next_observations_uses_next_row_and_drops_timeouts(tmp_pat
     )
     np.testing.assert_allclose(data.actions, a["actions"][kept], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(data.rewards, a["rewards"][kept].astype(np.float32))
-    np.testing.assert_array_equal(
-        data.terminations, [0, 0, 0, 1, 0, 0, 0, 0]
-    )  # the terminal row is kept, d = 1
+    # the terminal row is kept, d = 1
+    np.testing.assert_array_equal(data.terminations, [0, 0, 0, 1, 0, 0, 0, 0])
     assert data.env_spec.id == "Hopper-v5"
 
 

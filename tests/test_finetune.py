@@ -123,9 +123,8 @@ def test_ensemble_gaussian_matches_monte_carlo_mixture(f64):
     g = torch.Generator().manual_seed(1)
     mean, log_std = torch.randn(N, B, A, generator=g), torch.rand(N, B, A, generator=g) - 1
     mu, log_sigma = ensemble_gaussian(mean, log_std)
-    which = torch.randint(
-        N, (S, B, A), generator=g
-    )  # equal-weight mixture: a member per sample ...
+    # equal-weight mixture: a member per sample ...
+    which = torch.randint(N, (S, B, A), generator=g)
     mean_s = torch.take_along_dim(mean[None].expand(S, -1, -1, -1), which[:, None], dim=1)[:, 0]
     std_s = torch.take_along_dim(log_std.exp()[None].expand(S, -1, -1, -1), which[:, None], dim=1)[
         :, 0
@@ -217,15 +216,12 @@ def reference_critic_loss(agents, twins, batch, noise, gamma):
                 u = m + ls.exp() * noise[key][i]  # [M, B, A]
                 proposals.append(torch.tanh(u))
                 log_density.append(tanh_gaussian_log_prob_ref(m, ls, u))
-            proposals, log_density = (
-                torch.cat(proposals),
-                torch.cat(log_density),
-            )  # [3M, B, A], [3M, B]
+            # [3M, B, A], [3M, B]
+            proposals, log_density = (torch.cat(proposals), torch.cat(log_density))
             assert proposals.shape[0] == 3 * M
             for k in (0, 1):
-                q_prop = torch.stack(
-                    [twins.q(twins.critics[i][k], obs, a) for a in proposals]
-                )  # evaluated at s
+                # evaluated at s
+                q_prop = torch.stack([twins.q(twins.critics[i][k], obs, a) for a in proposals])
                 gap = (
                     torch.logsumexp(q_prop - log_density, 0)
                     - twins.q(twins.critics[i][k], obs, actions)
@@ -241,10 +237,8 @@ def test_critic_loss_equals_per_member_loop(f64, finetune_loss):
     agents = make_agents(gamma=gamma, finetune_loss=finetune_loss, cql_alpha=2.5, cql_n_actions=3)
     twins, batch = Twins(agents), make_batch()
     noise = agents.draw_noise(12)
-    assert noise["target"].shape == (12, 2) and noise["actor"].shape == (
-        12,
-        2,
-    )  # shared by all members
+    # shared by all members
+    assert noise["target"].shape == (12, 2) and noise["actor"].shape == (12, 2)
     if finetune_loss == "cql":
         assert (
             noise["uniform"].shape
@@ -352,9 +346,8 @@ def test_update_steps_every_part_and_soft_updates_targets(f64):
         before["qf_target"], agents.qf.parameters(), agents.qf_target.parameters()
     ):
         assert_close(new_t, (1 - tau) * old_t + tau * new_q, atol=1e-12, msg="soft target update")
-    assert abs(agents.log_alpha.item() - log_alpha) == pytest.approx(
-        3e-4, rel=1e-4
-    )  # one first Adam step of lr 3e-4
+    # one first Adam step of lr 3e-4
+    assert abs(agents.log_alpha.item() - log_alpha) == pytest.approx(3e-4, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,9 +358,8 @@ def test_load_pretrained_takes_the_chosen_members(f64, members):
     obs_dim, A = 5, 2
     cql = CQLEnsemble(obs_dim, A, (16, 16), 3, cql_n_actions=2)
     b = make_batch(8)
-    cql.update(
-        [x.expand(3, *x.shape) for x in b]
-    )  # non-empty optimizer states, log_alpha moved away from 0
+    # non-empty optimizer states, log_alpha moved away from 0
+    cql.update([x.expand(3, *x.shape) for x in b])
     with torch.no_grad():
         for p in cql.qf_target.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -423,11 +415,8 @@ def test_parse_members_valid():
     assert parse_members(None, 3) == [0, 1, 2]
     assert parse_members(None, 1) == [0]
     assert parse_members("0,2", 2) == [0, 2]
-    assert parse_members("4,1,3", 3) == [
-        4,
-        1,
-        3,
-    ]  # order kept; the checkpoint's size is checked later
+    # order kept; the checkpoint's size is checked later
+    assert parse_members("4,1,3", 3) == [4, 1, 3]
     assert parse_members("2", 1) == [2]
 
 
@@ -449,9 +438,8 @@ def test_parse_members_rejects_bad_lists(members, n, says):
     with pytest.raises(ValueError) as info:
         parse_members(members, n)
     message = str(info.value)
-    assert (
-        says in message and "--members" in message and members in message
-    )  # says what was given, and what is wanted
+    # says what was given, and what is wanted
+    assert says in message and "--members" in message and members in message
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,9 +491,8 @@ def test_q_discrimination_scores_and_samples(small_replay, monkeypatch):
 
     def q_values(obs, actions):
         d = (actions - 0.5).abs().sum(-1)
-        q = torch.stack(
-            [-d, 2 * d + 0.1 * obs[:, 0], 2 * d]
-        )  # member 0 prefers the data, members 1-2 avoid it
+        # member 0 prefers the data, members 1-2 avoid it
+        q = torch.stack([-d, 2 * d + 0.1 * obs[:, 0], 2 * d])
         calls.append((obs, actions, q))
         return q
 
@@ -831,14 +818,12 @@ def test_checkpoint_from_cql_pretrain_and_uniform_replay(e2e):
         "Fine-tuning members [0, 1] of pre.pt" in out.stdout
         and "No pretrained ensemble" not in out.stdout
     )
-    assert glob.glob(str(work / "checkpoints" / "cql__*")) == [
-        str(work / INLINE_CKPT)
-    ]  # only the inline run pretrained
+    # only the inline run pretrained
+    assert glob.glob(str(work / "checkpoints" / "cql__*")) == [str(work / INLINE_CKPT)]
     tags = scalars(work, "uniform")
     check_common_logs(tags)
-    assert not any(
-        t.startswith(("charts/w_", "losses/density_ratio")) for t in tags
-    )  # no density ratio
+    # no density ratio
+    assert not any(t.startswith(("charts/w_", "losses/density_ratio")) for t in tags)
     fraction = dict(tags["charts/offline_fraction"])
     # uniform over 3000 offline + 200 (then 400) online transitions
     assert fraction[200] == pytest.approx(3000 / 3200, abs=0.02) and fraction[400] == pytest.approx(
@@ -878,9 +863,8 @@ def test_from_scratch_online_only_logs_episodes(e2e):
     check_common_logs(tags, "hopper")
     assert not any(t.startswith(("charts/w_", "losses/density_ratio")) for t in tags)
     assert all(v == 0 for _, v in tags["charts/offline_fraction"])  # online-only
-    episodes = tags[
-        "charts/episodic_return"
-    ]  # hopper episodes end quickly under an untrained policy
+    # hopper episodes end quickly under an untrained policy
+    episodes = tags["charts/episodic_return"]
     assert (
         len(episodes) >= 2
         and all(0 < s <= 400 for s in steps(episodes))

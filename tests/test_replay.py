@@ -502,9 +502,8 @@ def test_replay_initial_priorities():
     )
     p_new = n_off * f / ((1 - f) * epoch_length)  # 9.0
     np.testing.assert_array_equal(replay.tree.get(np.arange(n_off)), np.ones(n_off))
-    assert np.all(
-        replay.tree.get(np.arange(n_off, replay.tree.capacity)) == 0
-    )  # online slots and padding
+    # online slots and padding
+    assert np.all(replay.tree.get(np.arange(n_off, replay.tree.capacity)) == 0)
     assert replay.tree.total == n_off
     assert replay.new_priority == pytest.approx(p_new)
     fill_online(replay, 10)
@@ -601,14 +600,12 @@ def test_replay_density_ratio_indices(mode):
         on_all.append(online)
         rep_all.append(whole)
     on_all, off_all, rep_all = map(np.concatenate, (on_all, off_all, rep_all))
-    assert set(on_all.tolist()) == set(
-        range(end - recent, end)
-    )  # only (and all of) the 30 most recent
+    # only (and all of) the 30 most recent
+    assert set(on_all.tolist()) == set(range(end - recent, end))
     assert set(off_all.tolist()) <= set(range(n_off)) and len(set(off_all.tolist())) > 0.9 * n_off
     assert rep_all.min() >= 0 and rep_all.max() < end
-    assert (
-        abs((rep_all >= n_off).mean() - n_on / end) < 0.01
-    )  # uniform over the whole buffer (5 s.e. = 0.0098)
+    # uniform over the whole buffer (5 s.e. = 0.0098)
+    assert abs((rep_all >= n_off).mean() - n_on / end) < 0.01
     # fewer online transitions than online_buffer_size: all of them
     replay2 = ft.BalancedReplay(
         make_offline_data(n_off), online_capacity=200, mode=mode, online_buffer_size=1000, seed=0
@@ -638,9 +635,8 @@ def test_replay_get_returns_stored_rows():
             want = [obs, action, np.float32(reward), next_obs, np.float32(terminated)]
         for row, w in zip(rows, want):
             np.testing.assert_array_equal(row[k].numpy(), w)
-    obs, actions = replay.get(
-        idx, ("observations", "actions")
-    )  # a subset of the fields, in the order asked
+    # a subset of the fields, in the order asked
+    obs, actions = replay.get(idx, ("observations", "actions"))
     np.testing.assert_array_equal(obs.numpy(), rows[0].numpy())
     np.testing.assert_array_equal(actions.numpy(), rows[1].numpy())
 
