@@ -1,38 +1,44 @@
-"""Pixel-based tabletop manipulation tasks for Off2On (paper section 6.2, appendix D.2; SPEC.md
-section 8), rebuilt in MuJoCo after COG (Singh et al., CoRL 2020):
+"""Pixel-based manipulation after COG, rebuilt in MuJoCo: three tasks and their offline data.
+
+Lee, Seo, Lee, Abbeel, Shin, "Offline-to-Online Reinforcement Learning via Balanced Replay and
+Pessimistic Q-Ensemble", CoRL 2021, https://arxiv.org/abs/2107.00591 (section 6.2, appendix D.2).
+
+    python pixel_envs.py   # docs/{task}_256.png, _48.png, _episode.png; env speed; scripted success
+
+The paper's pixel tasks are COG's (Singh et al., CoRL 2020, https://github.com/avisingh599/cog),
+built on PyBullet and roboverse, which no longer install; this file rebuilds them in MuJoCo:
 
     pick-place            (40 steps)  pick the box up and put it in the tray
-    grasp-closed-drawer   (50 steps)  open the closed bottom drawer, grasp the box inside, lift it out
-    grasp-blocked-drawer  (80 steps)  the open top drawer blocks the bottom drawer's handle: close it,
-                                      open the bottom drawer, grasp the box inside, lift it out
+    grasp-closed-drawer   (50 steps)  open the closed bottom drawer, grasp the box inside, lift it
+                                      out
+    grasp-blocked-drawer  (80 steps)  the open top drawer blocks the bottom drawer's handle: close
+                                      it, open the bottom drawer, grasp the box inside, lift it out
 
-    python pixel_envs.py   # docs/{task}_256.png, _48.png, _episode.png; speed; scripted success
+Observations are 48x48 RGB frames (uint8, channel-first [3, 48, 48]) from a fixed camera; the
+reward is 1 on the step the task is solved (the episode then terminates), else 0. Offline data:
+scripted, randomized attempts (`ScriptedPolicy`), with half of the transitions from uniform-random
+actions, stored as a local Minari dataset with lossless frames (`generate_dataset`); pixel_off2on.py
+trains on them. Importing this file registers the tasks with Gymnasium.
 
-Observations are 48x48 RGB frames (uint8, channel-first [3, 48, 48]) from a fixed camera; the reward
-is 1 on the step the task is solved (the episode then terminates), else 0. Offline data: scripted,
-randomized attempts (`ScriptedPolicy`), with half of the transitions from uniform-random actions,
-stored as a local Minari dataset with lossless frames (`generate_dataset`).
-
-What differs from COG (PyBullet): a floating parallel-jaw gripper that only translates, moved by
-position actuators on three slide joints, instead of a WidowX arm; one 4 cm box instead of mesh
-objects; 4-D actions `[dx, dy, dz, grip]` in [-1, 1]^4 at 20 Hz instead of 8-D end-effector
-actions (no wrist rotation: every grasp is top-down); MuJoCo instead of PyBullet, so frames,
-dynamics and the scripted data are not COG's.
+What differs from COG: a floating parallel-jaw gripper that only translates, moved by position
+actuators on three slide joints, instead of a WidowX arm; one 4 cm box instead of mesh objects;
+4-D actions `[dx, dy, dz, grip]` in [-1, 1]^4 at 20 Hz instead of 8-D end-effector actions (no
+wrist rotation: every grasp is top-down); MuJoCo instead of PyBullet, so frames, dynamics and the
+scripted data are not COG's. Docs: docs/pixels.md.
 """
 
 import os
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before anything imports mujoco
+# headless rendering (Mesa's EGL): MuJoCo reads this once, when it is first imported
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 import multiprocessing
 import time
 import warnings
-from typing import Optional
 
 import gymnasium as gym
 import mujoco
 import numpy as np
-
 
 TASKS = {
     "pick-place": "Off2OnPickPlace-v0",
@@ -73,7 +79,8 @@ SCENE_XML = """
   </default>
 
   <worldbody>
-    <light pos="0 -0.3 1.2" dir="0 0.25 -1" directional="true" castshadow="false" diffuse="0.4 0.4 0.4"/>
+    <light pos="0 -0.3 1.2" dir="0 0.25 -1" directional="true" castshadow="false"
+           diffuse="0.4 0.4 0.4"/>
     <camera name="agentview" pos="0.05 -0.36 0.6" xyaxes="1 0 0 0 0.876 0.482" fovy="55"/>
     <geom name="table" type="box" pos="0.02 0 -0.02" size="0.6 0.7 0.02" rgba="0.85 0.8 0.72 1"/>
 
@@ -96,8 +103,8 @@ SCENE_XML = """
 
       <!-- a drawer: front plate y in [-0.01, 0], open box behind it; joint value = how far open -->
       <body name="bottom_drawer" pos="0 0 0.005">
-        <joint name="bottom_drawer" type="slide" axis="0 -1 0" range="0 0.18" damping="5" frictionloss="0.5"
-               solreflimit="0.005 1"/>
+        <joint name="bottom_drawer" type="slide" axis="0 -1 0" range="0 0.18" damping="5"
+               frictionloss="0.5" solreflimit="0.005 1"/>
         <geom class="drawer" pos="0 -0.005 0.035" size="0.108 0.005 0.034"/>
         <geom class="drawer" pos="0 0.09 0.0035" size="0.104 0.09 0.0025"/>
         <geom class="drawer" pos="-0.101 0.09 0.032" size="0.003 0.09 0.026"/>
@@ -108,8 +115,8 @@ SCENE_XML = """
         <geom class="handle" pos="0.09 -0.04 0.035" size="0.004 0.03 0.004"/>
       </body>
       <body name="top_drawer" pos="0 0 0.08">
-        <joint name="top_drawer" type="slide" axis="0 -1 0" range="0 0.18" damping="5" frictionloss="0.5"
-               solreflimit="0.005 1"/>
+        <joint name="top_drawer" type="slide" axis="0 -1 0" range="0 0.18" damping="5"
+               frictionloss="0.5" solreflimit="0.005 1"/>
         <geom class="drawer" pos="0 -0.005 0.035" size="0.108 0.005 0.034"/>
         <geom class="drawer" pos="0 0.09 0.0035" size="0.104 0.09 0.0025"/>
         <geom class="drawer" pos="-0.101 0.09 0.032" size="0.003 0.09 0.026"/>
@@ -123,7 +130,8 @@ SCENE_XML = """
 
     <body name="box" pos="0 -0.12 0.02">
       <freejoint name="box"/>
-      <geom name="box" type="box" size="0.02 0.02 0.02" mass="0.05" condim="4" rgba="0.85 0.1 0.1 1"/>
+      <geom name="box" type="box" size="0.02 0.02 0.02" mass="0.05" condim="4"
+            rgba="0.85 0.1 0.1 1"/>
     </body>
 
     <!-- floating gripper: translation only (three slide joints), so it never tilts; gravity
@@ -132,7 +140,8 @@ SCENE_XML = """
       <joint name="hand_x" type="slide" axis="1 0 0" range="-0.3 0.34" damping="100"/>
       <joint name="hand_y" type="slide" axis="0 1 0" range="-0.3 0.2" damping="100"/>
       <joint name="hand_z" type="slide" axis="0 0 1" range="0 0.3" damping="100"/>
-      <geom name="palm" type="box" pos="0 0 0.045" size="0.02 0.04 0.01" mass="0.5" rgba="0.3 0.65 0.3 1"/>
+      <geom name="palm" type="box" pos="0 0 0.045" size="0.02 0.04 0.01" mass="0.5"
+            rgba="0.3 0.65 0.3 1"/>
       <body name="finger_left" gravcomp="1">
         <joint name="finger_left" type="slide" axis="0 1 0" range="0 0.03" damping="15"
                armature="0.01" solreflimit="0.004 1" solimplimit="0.99 0.999 0.001"/>
@@ -188,7 +197,9 @@ class PixelManipEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(self, task: str = "pick-place", obs_mode: str = "pixels", render_mode: Optional[str] = None):
+    def __init__(
+        self, task: str = "pick-place", obs_mode: str = "pixels", render_mode: str | None = None
+    ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {list(TASKS)}")
         if obs_mode not in ("pixels", "state"):
@@ -215,7 +226,7 @@ class PixelManipEnv(gym.Env):
     # --- privileged state, read by the scripted policies and the success checks ---
     def hand_pos(self) -> np.ndarray:
         """World position of the gripper's pinch point."""
-        return self.data.qpos[self._hand_adr:self._hand_adr + 3].copy()
+        return self.data.qpos[self._hand_adr : self._hand_adr + 3].copy()
 
     def finger_opening(self) -> float:
         """Distance between the fingers' inner faces (0: closed, 0.06: fully open)."""
@@ -223,7 +234,7 @@ class PixelManipEnv(gym.Env):
 
     def box_pos(self) -> np.ndarray:
         """World position of the box's centre."""
-        return self.data.qpos[self._box_adr:self._box_adr + 3].copy()
+        return self.data.qpos[self._box_adr : self._box_adr + 3].copy()
 
     def drawer_opening(self, drawer: str) -> float:
         """How far `drawer` ("bottom_drawer" or "top_drawer") is pulled out, metres."""
@@ -246,18 +257,19 @@ class PixelManipEnv(gym.Env):
         in the bottom drawer) is held by the gripper and lifted out of the drawer."""
         box = self.box_pos()
         if self.task == "pick-place":
-            return bool(np.all(np.abs(box[:2] - TRAY_CENTER) < TRAY_INNER_HALF) and box[2] < TRAY_MAX_Z)
+            over_tray = np.all(np.abs(box[:2] - TRAY_CENTER) < TRAY_INNER_HALF)
+            return bool(over_tray and box[2] < TRAY_MAX_Z)
         return bool(box[2] > LIFTED_Z and self.box_grasped())
 
     # --- gymnasium API ---
-    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Random initial state from self.np_random: gripper (open) high above the table's middle,
         box position and yaw, and in grasp-blocked-drawer how far the top drawer is open."""
         super().reset(seed=seed)
         rng, m, d = self.np_random, self.model, self.data
         mujoco.mj_resetData(m, d)
         hand = rng.uniform([-0.06, -0.06, 0.15], [0.02, 0.0, 0.2])
-        d.qpos[self._hand_adr:self._hand_adr + 3] = hand
+        d.qpos[self._hand_adr : self._hand_adr + 3] = hand
         d.ctrl[:3] = hand
         for a in self._finger_adr:
             d.qpos[a] = 0.03  # open
@@ -265,16 +277,18 @@ class PixelManipEnv(gym.Env):
         if self.task == "pick-place":
             box = [rng.uniform(-0.04, 0.05), rng.uniform(-0.17, -0.09), BOX_HALF]
         else:  # inside the closed bottom drawer (x of the cabinet's centre is 0.18)
-            box = [0.18 + rng.uniform(-0.06, 0.02), rng.uniform(0.055, 0.075), DRAWER_FLOOR_Z + BOX_HALF]
-        d.qpos[self._box_adr:self._box_adr + 3] = box
-        d.qpos[self._box_adr + 3:self._box_adr + 7] = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
+            x, y = 0.18 + rng.uniform(-0.06, 0.02), rng.uniform(0.055, 0.075)
+            box = [x, y, DRAWER_FLOOR_Z + BOX_HALF]
+        d.qpos[self._box_adr : self._box_adr + 3] = box
+        d.qpos[self._box_adr + 3 : self._box_adr + 7] = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
         if self.task == "grasp-blocked-drawer":
             d.qpos[self._drawer_adr["top_drawer"]] = BLOCKING_OPENING + rng.uniform(-0.01, 0.01)
         mujoco.mj_forward(m, d)
         return self._observation(), {"success": False}
 
     def step(self, action):
-        """Move the gripper's set point by MAX_MOVE * action[:3], squeeze with action[3], simulate 50 ms."""
+        """Move the gripper's set point by MAX_MOVE * action[:3], squeeze with action[3], simulate
+        50 ms."""
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         d = self.data
         d.ctrl[:3] = np.clip(self.hand_pos() + MAX_MOVE * action[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
@@ -285,11 +299,10 @@ class PixelManipEnv(gym.Env):
 
     def _observation(self) -> np.ndarray:
         if self.obs_mode == "state":
-            d = self.data
-            return np.concatenate([
-                self.hand_pos(), d.qpos[self._finger_adr], d.qpos[self._box_adr:self._box_adr + 7],
-                [self.drawer_opening("bottom_drawer"), self.drawer_opening("top_drawer")],
-            ]).astype(np.float32)
+            qpos, box = self.data.qpos, slice(self._box_adr, self._box_adr + 7)
+            drawers = [self.drawer_opening("bottom_drawer"), self.drawer_opening("top_drawer")]
+            parts = [self.hand_pos(), qpos[self._finger_adr], qpos[box], drawers]
+            return np.concatenate(parts).astype(np.float32)
         return self.render_frame(IMAGE_SIZE).transpose(2, 0, 1).copy()  # [3, 48, 48]
 
     def render_frame(self, size: int) -> np.ndarray:
@@ -299,10 +312,12 @@ class PixelManipEnv(gym.Env):
             try:
                 renderer = self._renderers[size] = mujoco.Renderer(self.model, size, size)
             except Exception as e:
+                gl = os.environ.get("MUJOCO_GL")
                 raise RuntimeError(
-                    f"no OpenGL context for rendering (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): set "
-                    "MUJOCO_GL=egl before anything imports mujoco, and install the Debian packages libegl1 "
-                    "libegl-mesa0 libgl1-mesa-dri libopengl0") from e
+                    f"no OpenGL context for rendering (MUJOCO_GL={gl!r}): set MUJOCO_GL=egl before "
+                    "anything imports mujoco, and install the Debian packages libegl1 libegl-mesa0 "
+                    "libgl1-mesa-dri libopengl0"
+                ) from e
         renderer.update_scene(self.data, camera="agentview")
         return renderer.render()
 
@@ -315,6 +330,22 @@ class PixelManipEnv(gym.Env):
         for renderer in self._renderers.values():
             renderer.close()
         self._renderers.clear()
+
+
+def _register_envs():
+    """Register the three tasks with Gymnasium, with their time limits (a re-import registers
+    nothing twice)."""
+    for task, env_id in TASKS.items():
+        if env_id not in gym.registry:
+            gym.register(
+                env_id,
+                entry_point="pixel_envs:PixelManipEnv",
+                max_episode_steps=EPISODE_LENGTH[task],
+                kwargs={"task": task},
+            )
+
+
+_register_envs()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +376,8 @@ def _hold(grip, steps):
 def _grasp_box_and_lift(env, rng, lift_z, approach_dz=0.06):
     """Open above the box, come down around it, close, lift to `lift_z`."""
     box = env.box_pos()
-    yield from _move_to(env, box + [0.0, 0.0, approach_dz + rng.uniform(-0.01, 0.01)], OPEN, tol=0.01)
+    above = box + [0.0, 0.0, approach_dz + rng.uniform(-0.01, 0.01)]
+    yield from _move_to(env, above, OPEN, tol=0.01)
     box = env.box_pos()
     yield from _move_to(env, box + [0.0, 0.0, rng.uniform(-0.004, 0.004)], OPEN, tol=0.01)
     yield from _hold(CLOSE, int(rng.integers(2, 4)))
@@ -383,7 +415,11 @@ def _close_top_drawer(env, rng):
     x, z = 0.20 + rng.uniform(-0.02, 0.02), 0.095 + rng.uniform(-0.003, 0.003)
     yield from _move_to(env, [x, front_y - 0.07, 0.185], CLOSE, tol=0.015)  # over, in front of it
     yield from _move_to(env, [x, front_y - 0.07, z], CLOSE, tol=0.01)
-    yield from _move_to(env, [x, 0.0, z], CLOSE, until=lambda: env.drawer_opening("top_drawer") < 0.004)
+
+    def shut():
+        return env.drawer_opening("top_drawer") < 0.004
+
+    yield from _move_to(env, [x, 0.0, z], CLOSE, until=shut)  # push until the drawer is shut
     yield from _move_to(env, [x, -0.08, z], CLOSE, tol=0.015)
 
 
@@ -411,7 +447,7 @@ class ScriptedPolicy:
     """Noisy scripted policy for `task`: `act(env)` reads the state of `env` (the gymnasium env or
     its unwrapped PixelManipEnv) and returns an action; call `reset()` at every episode start."""
 
-    def __init__(self, task: str, noise: float = 0.1, seed: Optional[int] = None):
+    def __init__(self, task: str, noise: float = 0.1, seed: int | None = None):
         if task not in SCRIPTS:
             raise ValueError(f"unknown task {task!r}: use one of {list(SCRIPTS)}")
         self.task, self.noise = task, noise
@@ -433,17 +469,6 @@ class ScriptedPolicy:
         self._grip = action[3]
         action = action + self.rng.normal(0.0, self.noise, size=4)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
-
-
-def _register_envs():
-    """Register the three tasks with gymnasium (safe to run again when the module is re-imported)."""
-    for task, env_id in TASKS.items():
-        if env_id not in gym.registry:
-            gym.register(env_id, entry_point="pixel_envs:PixelManipEnv",
-                         max_episode_steps=EPISODE_LENGTH[task], kwargs={"task": task})
-
-
-_register_envs()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,10 +507,12 @@ def _collect_shard(task: str, policy: str, n_steps: int, seed: int) -> list:
             rewards.append(reward)
             terminations.append(terminated)
             truncations.append(truncated and not terminated)
-        episodes.append(EpisodeBuffer(
+        episode = EpisodeBuffer(
             seed=episode_seed, observations=np.stack(observations), actions=np.stack(actions),
             rewards=np.array(rewards), terminations=np.array(terminations),
-            truncations=np.array(truncations)))
+            truncations=np.array(truncations),
+        )  # fmt: skip
+        episodes.append(episode)
     env.close()
     return episodes
 
@@ -494,8 +521,9 @@ def _collect_shard_args(args):
     return _collect_shard(*args)
 
 
-def generate_dataset(task: str, size: int = 200_000, seed: int = 0, workers: int = 1,
-                     dataset_id: Optional[str] = None) -> str:
+def generate_dataset(
+    task: str, size: int = 200_000, seed: int = 0, workers: int = 1, dataset_id: str | None = None
+) -> str:
     """Collect `size` transitions for `task` (size // 2 from the noisy scripted policy, the rest
     from uniform-random actions) and store them as the local Minari dataset `dataset_id`
     [default: off2on/{task}/mixed-n{size}-v0, or ...-n{size}-seed{seed}-v0 for seed != 0] with
@@ -520,8 +548,9 @@ def generate_dataset(task: str, size: int = 200_000, seed: int = 0, workers: int
     if existing is not None:
         if existing.total_steps != size:
             raise ValueError(
-                f"{dataset_id} exists locally with {existing.total_steps} of {size} transitions (an "
-                f"interrupted run?): delete it with `minari delete {dataset_id}` and rerun")
+                f"{dataset_id} exists locally with {existing.total_steps} of {size} transitions "
+                f"(an interrupted run?): delete it with `minari delete {dataset_id}` and rerun"
+            )
         return dataset_id
 
     jobs = []
@@ -530,6 +559,10 @@ def generate_dataset(task: str, size: int = 200_000, seed: int = 0, workers: int
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(len(jobs))]
     jobs = [job + (job_seed,) for job, job_seed in zip(jobs, seeds)]
 
+    description = (
+        f"Off2On {task}: {size // 2} transitions of noisy scripted rollouts, "
+        f"then {size - size // 2} of uniform-random actions (pixel_envs.py)."
+    )
     print(f"{dataset_id}: collecting {size:,} transitions with {workers} worker(s)", flush=True)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     results = pool.imap(_collect_shard_args, jobs) if pool else map(_collect_shard_args, jobs)
@@ -540,20 +573,19 @@ def generate_dataset(task: str, size: int = 200_000, seed: int = 0, workers: int
                 with warnings.catch_warnings():  # minari nags about author and code links
                     warnings.simplefilter("ignore", UserWarning)
                     dataset = minari.create_dataset_from_buffers(
-                        dataset_id, episodes, env=TASKS[task], algorithm_name=f"scripted+random ({task})",
-                        ref_min_score=0.0, ref_max_score=1.0, jpeg_encoding=False,
-                        description=f"Off2On {task}: {size // 2} transitions of noisy scripted rollouts, "
-                                    f"then {size - size // 2} of uniform-random actions (pixel_envs.py).")
+                        dataset_id, episodes, env=TASKS[task], ref_min_score=0.0,
+                        ref_max_score=1.0, jpeg_encoding=False, description=description,
+                        algorithm_name=f"scripted+random ({task})",
+                    )  # fmt: skip
             else:
                 dataset.update_dataset_from_buffer(episodes)
-            first = dataset.total_episodes - len(episodes)
-            dataset.storage.update_episode_metadata([{"policy": policy}] * len(episodes),
-                                                    range(first, dataset.total_episodes))
+            new = range(dataset.total_episodes - len(episodes), dataset.total_episodes)
+            dataset.storage.update_episode_metadata([{"policy": policy}] * len(episodes), new)
             done += n_steps
             if done >= next_report * size or done == size:
                 rate = done / (time.time() - start_time)
-                print(f"{dataset_id}: {done:,}/{size:,} transitions ({100 * done / size:.0f}%), "
-                      f"{rate:,.0f} transitions/s", flush=True)
+                progress = f"{done:,}/{size:,} transitions ({100 * done / size:.0f}%)"
+                print(f"{dataset_id}: {progress}, {rate:,.0f} transitions/s", flush=True)
                 next_report = np.floor(10 * done / size) / 10 + 0.1
     finally:
         if pool:
@@ -562,10 +594,10 @@ def generate_dataset(task: str, size: int = 200_000, seed: int = 0, workers: int
 
 
 if __name__ == "__main__":
-    # docs/{task}_256.png and docs/{task}_48.png (first frame), docs/{task}_episode.png (a scripted
-    # episode), then the speed of a rendered env step and the scripted policies' success rates.
     from PIL import Image
 
+    # PICTURES of each task for docs/pixels.md: the first frame at 256x256 and as the agent sees
+    # it (48x48), and six frames of a scripted episode
     docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
     os.makedirs(docs, exist_ok=True)
     for task in TASKS:
@@ -580,11 +612,12 @@ if __name__ == "__main__":
             if terminated:
                 break
         picks = np.linspace(0, len(frames) - 1, 6).round().astype(int)
-        Image.fromarray(np.concatenate([frames[i][::2, ::2] for i in picks], axis=1)).save(
-            os.path.join(docs, f"{task}_episode.png"))
+        strip = np.concatenate([frames[i][::2, ::2] for i in picks], axis=1)
+        Image.fromarray(strip).save(os.path.join(docs, f"{task}_episode.png"))
         env.close()
     print(f"frames written to {docs}/")
 
+    # SPEED of an env step that renders its 48x48 frame
     env, rng = gym.make(TASKS["pick-place"]), np.random.default_rng(0)
     env.reset(seed=0)
     start = time.time()
@@ -592,12 +625,15 @@ if __name__ == "__main__":
         _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, size=4))
         if terminated or truncated:
             env.reset()
-    print(f"env steps/s with a 48x48 frame each step (random actions): {2_000 / (time.time() - start):,.0f}")
+    rate = 2_000 / (time.time() - start)
+    print(f"env steps/s with a 48x48 frame each step (random actions): {rate:,.0f}")
     env.close()
 
+    # SCRIPTED SUCCESS at the default noise, on the state (no rendering needed)
     n = 100
     for task in TASKS:
-        env, policy, successes = PixelManipEnv(task, obs_mode="state"), ScriptedPolicy(task, seed=0), 0
+        env, policy = PixelManipEnv(task, obs_mode="state"), ScriptedPolicy(task, seed=0)
+        successes = 0
         for episode in range(n):
             env.reset(seed=episode)
             policy.reset()
@@ -605,4 +641,5 @@ if __name__ == "__main__":
                 if env.step(policy.act(env))[2]:
                     successes += 1
                     break
-        print(f"{task}: scripted success {successes / n:.0%} over {n} episodes (noise {policy.noise})")
+        rate = f"{successes / n:.0%} over {n} episodes (noise {policy.noise})"
+        print(f"{task}: scripted success {rate}")

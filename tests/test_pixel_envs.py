@@ -1,4 +1,4 @@
-"""Tests of pixel_envs.py: the three COG-style tasks, their scripted policies and the offline dataset."""
+"""pixel_envs.py: the three COG-style tasks, their scripted policies and the offline dataset."""
 
 import importlib
 import os
@@ -17,15 +17,16 @@ from pixel_envs import EPISODE_LENGTH, TASKS, PixelManipEnv, ScriptedPolicy, gen
 def set_box(env, pos):
     """Teleport the box (upright) to `pos` and recompute the derived state."""
     adr = env._box_adr
-    env.data.qpos[adr:adr + 7] = [*pos, 1.0, 0.0, 0.0, 0.0]
+    env.data.qpos[adr : adr + 7] = [*pos, 1.0, 0.0, 0.0, 0.0]
     env.data.qvel[:] = 0.0
     mujoco.mj_forward(env.model, env.data)
 
 
 def test_task_names_and_registration():
     assert set(TASKS) == {"pick-place", "grasp-closed-drawer", "grasp-blocked-drawer"}
-    assert {TASKS[t]: gym.spec(TASKS[t]).max_episode_steps for t in TASKS} == {
-        "Off2OnPickPlace-v0": 40, "Off2OnGraspClosedDrawer-v0": 50, "Off2OnGraspBlockedDrawer-v0": 80}
+    limits = {TASKS[t]: gym.spec(TASKS[t]).max_episode_steps for t in TASKS}
+    expected = {"Off2OnPickPlace-v0": 40, "Off2OnGraspClosedDrawer-v0": 50}
+    assert limits == {**expected, "Off2OnGraspBlockedDrawer-v0": 80}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # gymnasium warns when an id is registered over
         importlib.reload(pixel_envs)  # a second import registers nothing new
@@ -62,7 +63,8 @@ def test_observation_is_a_48x48_uint8_frame(task):
     obs, info = env.reset(seed=0)
     assert env.observation_space == gym.spaces.Box(0, 255, (3, 48, 48), np.uint8)
     assert env.action_space == gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
-    assert obs.shape == (3, 48, 48) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
+    assert obs.shape == (3, 48, 48) and obs.dtype == np.uint8
+    assert env.observation_space.contains(obs)
     assert info == {"success": False}
     assert obs.std() > 20  # a picture, not a blank frame
     video = env.render()
@@ -74,7 +76,8 @@ def test_observation_is_a_48x48_uint8_frame(task):
 
 
 def test_frames_show_the_scene():
-    """The box (red) and the tray (blue) are in the agent's 48x48 view at the start of pick-place."""
+    """At the start of pick-place, the agent's 48x48 view shows the box (red), the tray (blue)
+    and the gripper (green)."""
     env = gym.make(TASKS["pick-place"])
     frame = env.reset(seed=0)[0].astype(int)
     r, g, b = frame
@@ -172,7 +175,10 @@ def test_random_actions_are_stable(task):
     for episode in range(6):
         env.reset(seed=episode)
         for step in range(80):
-            action = rng.uniform(-1, 1, 4) if episode % 2 else rng.choice([-1.0, 1.0], size=4)  # bang-bang
+            if episode % 2:
+                action = rng.uniform(-1, 1, 4)
+            else:  # bang-bang
+                action = rng.choice([-1.0, 1.0], size=4)
             obs, *_ = env.step(action)
             assert np.all(np.isfinite(obs)) and np.all(np.isfinite(env.data.qvel))
             assert np.all(env.hand_pos() > pixel_envs.WORKSPACE_LOW - 0.02)
@@ -209,14 +215,18 @@ def test_generate_dataset(monkeypatch):
 
     episodes = list(data.iterate_episodes())
     for ep in episodes:
-        assert ep.observations.shape == (len(ep) + 1, 3, 48, 48) and ep.observations.dtype == np.uint8
+        assert ep.observations.shape == (len(ep) + 1, 3, 48, 48)
+        assert ep.observations.dtype == np.uint8
         assert ep.actions.shape == (len(ep), 4) and np.all(np.abs(ep.actions) <= 1)
-        np.testing.assert_array_equal(ep.rewards, ep.terminations.astype(float))  # reward 1 only on success
+        # reward 1 only on success
+        np.testing.assert_array_equal(ep.rewards, ep.terminations.astype(float))
         assert not ep.terminations[:-1].any() and not ep.truncations[:-1].any()
         assert ep.terminations[-1] or ep.truncations[-1]
     scripted = [ep for ep, p in zip(episodes, policies) if p == "scripted"]
-    assert sum(ep.terminations[-1] for ep in scripted) >= len(scripted) - 2  # the last one may be cut short
-    assert all(len(ep) == 50 for ep, p in zip(episodes[:-1], policies) if p == "random")  # time limit
+    # the last one may be cut short
+    assert sum(ep.terminations[-1] for ep in scripted) >= len(scripted) - 2
+    random_episodes = [ep for ep, p in zip(episodes[:-1], policies) if p == "random"]
+    assert all(len(ep) == 50 for ep in random_episodes)  # the time limit
 
     # the stored frames are exact: replaying an episode's actions from its seed re-renders them
     env = gym.make(TASKS["grasp-closed-drawer"])
@@ -239,7 +249,8 @@ def test_generate_dataset(monkeypatch):
 def test_generate_dataset_is_the_same_with_workers(monkeypatch):
     monkeypatch.setattr(pixel_envs, "SHARD_SIZE", 20)  # 4 units of work, episodes cut between them
     one = generate_dataset("pick-place", size=60, seed=3, dataset_id="test/pick-place/one-v0")
-    two = generate_dataset("pick-place", size=60, seed=3, workers=2, dataset_id="test/pick-place/two-v0")
+    two = "test/pick-place/two-v0"
+    two = generate_dataset("pick-place", size=60, seed=3, workers=2, dataset_id=two)
     one, two = minari.load_dataset(one), minari.load_dataset(two)
     assert one.total_episodes == two.total_episodes
     for a, b in zip(one.iterate_episodes(), two.iterate_episodes()):

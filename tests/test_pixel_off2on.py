@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import member_mlp
 import pixel_off2on as px
+from conftest import member_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,8 +25,8 @@ def member_encoder(encoder: px.VectorizedEncoder, i: int) -> nn.Module:
         c_out, c_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
         plain = nn.Conv2d(c_in, c_out, 3, dtype=conv.weight.dtype)
         with torch.no_grad():
-            plain.weight.copy_(conv.weight[i * c_out:(i + 1) * c_out])
-            plain.bias.copy_(conv.bias[i * c_out:(i + 1) * c_out])
+            plain.weight.copy_(conv.weight[i * c_out : (i + 1) * c_out])
+            plain.bias.copy_(conv.bias[i * c_out : (i + 1) * c_out])
         convs.append(plain)
 
     def forward(frames):  # [B, 3, 48, 48] uint8 -> [B, 1024]
@@ -34,11 +34,13 @@ def member_encoder(encoder: px.VectorizedEncoder, i: int) -> nn.Module:
         x = F.max_pool2d(F.relu(convs[0](x)), 2)
         x = F.max_pool2d(F.relu(convs[1](x)), 2)
         return F.relu(convs[2](x)).flatten(1)
+
     return forward
 
 
 def frames(*shape, seed=0):
-    return torch.randint(0, 256, (*shape, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (*shape, 3, 48, 48), dtype=torch.uint8, generator=generator)
 
 
 def test_vectorized_encoder_equals_per_member_convs(f64):
@@ -66,7 +68,8 @@ def test_critic_and_actor_equal_per_member_twins(f64):
     for i in range(N):
         for k in range(2):
             m = 2 * i + k
-            expected = member_mlp(qf.net, m)(torch.cat([member_encoder(qf.encoder, m)(x[i]), a[i]], -1)).squeeze(-1)
+            features = member_encoder(qf.encoder, m)(x[i])
+            expected = member_mlp(qf.net, m)(torch.cat([features, a[i]], -1)).squeeze(-1)
             torch.testing.assert_close(q[i, k], expected)
         out = member_mlp(actor.net, i)(member_encoder(actor.encoder, i)(x[i]))
         torch.testing.assert_close(mean[i], out[:, :A])
@@ -86,15 +89,18 @@ def test_q_data_and_proposals_encodes_once_and_equals_direct_evaluation(f64):
 
 def test_load_pretrained_takes_the_chosen_members_conv_channels_included(f64):
     pretrained = px.CQLEnsemble(4, (16,), 3)
-    checkpoint = {"metadata": {"ensemble_size": 3}, **{k: v for k, v in pretrained.state_dict().items() if k in ("actor", "qf", "qf_target")}}
+    state = pretrained.state_dict()
+    networks = {k: state[k] for k in ("actor", "qf", "qf_target")}
+    checkpoint = {"metadata": {"ensemble_size": 3}, **networks}
     agents = px.Off2OnEnsemble(4, (16,), 2)
     agents.load_pretrained(checkpoint, [2, 0])
     x, a = frames(1, 6)[0], torch.rand(6, 4) * 2 - 1
+    x3, a3, x2, a2 = (px.members_view(v, n) for n in (3, 2) for v in (x, a))
     with torch.no_grad():
-        q_all, q_new = pretrained.qf(px.members_view(x, 3), px.members_view(a, 3)), agents.qf(px.members_view(x, 2), px.members_view(a, 2))
+        q_all, q_new = pretrained.qf(x3, a3), agents.qf(x2, a2)
         torch.testing.assert_close(q_new, q_all[[2, 0]])
-        torch.testing.assert_close(agents.qf_target(px.members_view(x, 2), px.members_view(a, 2)), q_new)
-        torch.testing.assert_close(agents.actor(px.members_view(x, 2))[0], pretrained.actor(px.members_view(x, 3))[0][[2, 0]])
+        torch.testing.assert_close(agents.qf_target(x2, a2), q_new)
+        torch.testing.assert_close(agents.actor(x2)[0], pretrained.actor(x3)[0][[2, 0]])
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,9 +112,16 @@ def tagged_frame(value):
 
 def fake_episodes(lengths):
     """Episodes whose frame t of episode e is filled with 10 e + t, so a frame names itself."""
-    return [SimpleNamespace(observations=np.stack([tagged_frame(10 * e + t) for t in range(T + 1)]),
-                            actions=np.full((T, 4), e / 10, np.float32), rewards=np.arange(T, dtype=np.float32) + 100 * e,
-                            terminations=np.eye(T, dtype=np.float32)[-1] * (e % 2)) for e, T in enumerate(lengths)]
+    episodes = []
+    for e, T in enumerate(lengths):
+        episode = SimpleNamespace(
+            observations=np.stack([tagged_frame(10 * e + t) for t in range(T + 1)]),
+            actions=np.full((T, 4), e / 10, np.float32),
+            rewards=np.arange(T, dtype=np.float32) + 100 * e,
+            terminations=np.eye(T, dtype=np.float32)[-1] * (e % 2),
+        )
+        episodes.append(episode)
+    return episodes
 
 
 def test_offline_transitions_index_the_right_next_frame_across_episodes():
@@ -118,26 +131,29 @@ def test_offline_transitions_index_the_right_next_frame_across_episodes():
     obs, actions, rewards, next_obs, terminations = replay.get(np.arange(9))
     tags = [(e, t) for e, T in enumerate([3, 2, 4]) for t in range(T)]
     for j, (e, t) in enumerate(tags):
-        assert obs[j, 0, 0, 0] == 10 * e + t and next_obs[j, 0, 0, 0] == 10 * e + t + 1  # never the next episode's first frame
+        # s' is the episode's next frame, never the next episode's first frame
+        assert obs[j, 0, 0, 0] == 10 * e + t and next_obs[j, 0, 0, 0] == 10 * e + t + 1
         assert rewards[j] == 100 * e + t and actions[j, 0] == pytest.approx(e / 10)
         assert terminations[j] == (t == [3, 2, 4][e] - 1 and e % 2)
 
 
 def test_online_episodes_append_frames_and_index_them():
     data = px.FrameData(**px.episodes_to_frames(fake_episodes([2])), dataset_id="fake")
-    replay = px.PixelReplay(data, online_capacity=5, online_episodes=2, mode="balanced", epoch_length=3)
+    sizes = dict(online_capacity=5, online_episodes=2, mode="balanced", epoch_length=3)
+    replay = px.PixelReplay(data, **sizes)
     for e, T in ((5, 3), (6, 2)):  # two online episodes, frames tagged 10 e + t
         replay.start_episode(tagged_frame(10 * e))
         for t in range(T):
             replay.add(np.zeros(4), float(t), tagged_frame(10 * e + t + 1), t == T - 1)
     assert replay.n_online == 5 and replay.n_frames == 3 + 4 + 3
     obs, _, rewards, next_obs, terminations = replay.get(np.arange(2, 7))
-    assert obs[:, 0, 0, 0].tolist() == [50, 51, 52, 60, 61] and next_obs[:, 0, 0, 0].tolist() == [51, 52, 53, 61, 62]
+    assert obs[:, 0, 0, 0].tolist() == [50, 51, 52, 60, 61]
+    assert next_obs[:, 0, 0, 0].tolist() == [51, 52, 53, 61, 62]
     assert terminations.tolist() == [0, 0, 1, 0, 1] and rewards.tolist() == [0, 1, 2, 0, 1]
-    # new transitions enter at P_new = M_off f / ((1 - f) epoch_length), so that they are f of the next batches
+    # new transitions enter at P_new = M_off f / ((1 - f) epoch_length): f of the next batches
     assert replay.tree.get(np.arange(2, 7)) == pytest.approx([2 * 0.75 / (0.25 * 3)] * 5)
     # and the state round-trips
-    other = px.PixelReplay(data, online_capacity=5, online_episodes=2, mode="balanced", epoch_length=3)
+    other = px.PixelReplay(data, **sizes)
     other.load_state_dict(replay.state_dict())
     for x, y in zip(replay.get(np.arange(7)), other.get(np.arange(7))):
         assert torch.equal(x, y)
@@ -147,31 +163,38 @@ def test_online_episodes_append_frames_and_index_them():
 # ---------------------------------------------------------------------------------------
 # End to end: python pixel_off2on.py on a tiny generated dataset
 # ---------------------------------------------------------------------------------------
-TINY = ["--task", "pick-place", "--dataset-size", "300", "--ensemble-size", "2", "--hidden-sizes", "32", "32", "--batch-size", "8",
-        "--offline-steps", "3", "--bc-steps", "1", "--cql-n-actions", "2", "--eval-episodes", "1", "--eval-every", "1", "--no-cuda"]
+TINY = "--task pick-place --dataset-size 300 --ensemble-size 2 --hidden-sizes 32 32 --batch-size 8"
+TINY += " --offline-steps 3 --bc-steps 1 --cql-n-actions 2 --eval-episodes 1 --eval-every 1"
+TINY += " --no-cuda"
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A working directory where the first run has generated the data, pretrained and fine-tuned 2 episodes."""
+    """A working directory where the first run has generated the data, pretrained and fine-tuned
+    2 episodes."""
     work = tmp_path_factory.mktemp("pixel")
     return SimpleNamespace(path=work, first_run=run(work, "--online-episodes", "2"))
 
 
 def run(work, *args):
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(work / "minari"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "pixel_off2on.py"), *TINY, *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=400)
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(work / "minari"), "HF_HUB_OFFLINE": "1"}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, os.path.join(ROOT, "pixel_off2on.py"), *TINY.split(), *args]
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=400)
 
 
 def test_end_to_end_pretrains_finetunes_logs_and_resumes(work):
     out, work = work.first_run, work.path
     assert out.returncode == 0, out.stderr
-    assert "pretraining 2 CQL agents on pixels" in out.stdout and "eval after 2 episodes" in out.stdout
+    assert "pretraining 2 CQL agents on pixels" in out.stdout
+    assert "eval after 2 episodes" in out.stdout
     assert (work / "checkpoints/cql__pick-place__n2__seed1.pt").exists()
-    state = torch.load(work / "checkpoints/pixel_off2on__pick-place__n2__seed1.pt", weights_only=True)
+    path = work / "checkpoints/pixel_off2on__pick-place__n2__seed1.pt"
+    state = torch.load(path, weights_only=True)
     assert state["episode"] == 2 and state["metadata"]["obs_shape"] == [3, 48, 48]
-    assert state["replay"]["frames"].dtype == torch.uint8 and len(state["replay"]["frames"]) == len(state["replay"]["rewards"]) + 2
+    replay = state["replay"]
+    assert replay["frames"].dtype == torch.uint8
+    assert len(replay["frames"]) == len(replay["rewards"]) + 2  # T + 1 frames an episode
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -179,28 +202,33 @@ def test_end_to_end_pretrains_finetunes_logs_and_resumes(work):
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"eval/success_rate", "charts/offline_fraction", "charts/episodic_return", "charts/SPS", "losses/qf_loss", "losses/actor_loss",
-            "losses/alpha", "losses/density_ratio_loss", "charts/w_online_mean", "charts/w_offline_mean"} <= tags
-    assert len(events.Scalars("eval/success_rate")) == 3  # before any online step, then after each episode
+    expected = {"eval/success_rate", "charts/offline_fraction", "charts/episodic_return"}
+    expected |= {"charts/SPS", "charts/w_online_mean", "charts/w_offline_mean"}
+    expected |= {"losses/qf_loss", "losses/actor_loss", "losses/alpha", "losses/density_ratio_loss"}
+    assert expected <= tags
+    # before any online step, then after each episode
+    assert len(events.Scalars("eval/success_rate")) == 3
 
     again = run(work, "--online-episodes", "2")
     assert again.returncode == 1 and "pass --resume" in again.stderr
     resumed = run(work, "--online-episodes", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming" in resumed.stdout and "after episode 2" in resumed.stdout and "episode 3/3" in resumed.stdout
+    assert "Resuming" in resumed.stdout and "after episode 2" in resumed.stdout
+    assert "episode 3/3" in resumed.stdout
     other = run(work, "--online-episodes", "3", "--resume", "--temperature", "2")
     assert other.returncode == 1 and "temperature" in other.stderr
 
 
 def test_online_only_cql_loss_from_the_saved_checkpoint(work):
-    out = run(work.path, "--online-episodes", "1", "--replay", "online-only", "--finetune-loss", "cql", "--exp-name", "cql-online")
+    flags = "--online-episodes 1 --replay online-only --finetune-loss cql --exp-name cql-online"
+    out = run(work.path, *flags.split())
     assert out.returncode == 0, out.stderr
     assert "Fine-tuning members [0, 1] of checkpoints/cql__pick-place__n2__seed1.pt" in out.stdout
     assert "offline fraction 0.00" in out.stdout
 
 
 def test_checkpoint_with_other_networks_fails_naming_both(work):
-    out = run(work.path, "--online-episodes", "1", "--exp-name", "wide", "--hidden-sizes", "64", "64")
+    out = run(work.path, *"--online-episodes 1 --exp-name wide --hidden-sizes 64 64".split())
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "hidden_sizes=[32, 32], but this run has hidden_sizes=[64, 64]" in out.stderr
 
@@ -219,4 +247,5 @@ def test_sumtree_sums_stay_exact_with_repeated_indices():
             leaves[i] = v
     np.testing.assert_array_equal(tree.get(np.arange(100)), leaves)
     internal = np.arange(1, tree.capacity)
-    np.testing.assert_array_equal(tree.nodes[internal], tree.nodes[2 * internal] + tree.nodes[2 * internal + 1])
+    children = tree.nodes[2 * internal] + tree.nodes[2 * internal + 1]
+    np.testing.assert_array_equal(tree.nodes[internal], children)
