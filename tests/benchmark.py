@@ -157,18 +157,15 @@ def time_env_step(agents, device, steps=1000) -> float:
     """One online step: the merged policy's action, then a HalfCheetah-v5 step."""
     import gymnasium as gym
 
-    env = gym.make("HalfCheetah-v5")
+    env = ft.make_env(gym.spec("HalfCheetah-v5"))
     obs, _ = env.reset(seed=0)
     start = time.perf_counter()
     for _ in range(steps):
         with torch.no_grad():
-            mean, log_std = agents.policy(
-                torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            )
-            action = (
-                ft.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
-            )
-        obs, _, terminated, truncated, _ = env.step(action)
+            x = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            mean, log_std = agents.policy(x)
+            action = ft.tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0]
+        obs, _, terminated, truncated, _ = env.step(action[0].cpu().numpy())
         if terminated or truncated:
             obs, _ = env.reset()
     return (time.perf_counter() - start) / steps
