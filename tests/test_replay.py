@@ -493,13 +493,8 @@ def test_priority_matches_formula_on_random_values():
 # ---------------------------------------------------------------------------------------
 def test_replay_initial_priorities():
     n_off, f, epoch_length = 3000, 0.75, 1000
-    replay = ft.BalancedReplay(
-        make_offline_data(n_off),
-        online_capacity=2000,
-        init_online_fraction=f,
-        epoch_length=epoch_length,
-        seed=0,
-    )
+    settings = dict(init_online_fraction=f, epoch_length=epoch_length, seed=0)
+    replay = ft.BalancedReplay(make_offline_data(n_off), online_capacity=2000, **settings)
     p_new = n_off * f / ((1 - f) * epoch_length)  # 9.0
     np.testing.assert_array_equal(replay.tree.get(np.arange(n_off)), np.ones(n_off))
     # online slots and padding
@@ -515,13 +510,7 @@ def test_replay_initial_priorities():
     np.testing.assert_allclose(replay.tree.get(np.arange(n_off + 10, n_off + 13)), 50.0)
     np.testing.assert_allclose(replay.tree.get([0, 5, n_off + 2]), [50.0, 0.1, 0.2])
     # priorities below P_new everywhere: new samples still enter at P_new
-    replay2 = ft.BalancedReplay(
-        make_offline_data(n_off),
-        online_capacity=100,
-        init_online_fraction=f,
-        epoch_length=epoch_length,
-        seed=0,
-    )
+    replay2 = ft.BalancedReplay(make_offline_data(n_off), online_capacity=100, **settings)
     fill_online(replay2, 5)
     replay2.update_priorities(np.arange(n_off + 5), np.full(n_off + 5, 0.5))
     fill_online(replay2, 1, seed=3)
