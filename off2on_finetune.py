@@ -162,6 +162,7 @@ class OfflineData:
     dataset_id: str
     ref_returns: tuple[float, float] | None  # (random, expert) returns of the normalized score
     ref_source: str  # where ref_returns came from
+    minari_ref_returns: tuple[float, float] | None = None  # the Minari dataset's own, if stored
 
     def __len__(self):
         return len(self.rewards)
@@ -809,8 +810,12 @@ def load_offline_data(
         )
 
     meta = minari_refs.storage.metadata if minari_refs is not None else {}
+    minari_ref_returns = None
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        minari_ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+    # A D4RL-style name promises D4RL's scale; Minari's refs (its own v5 policies) are another
+    if minari_ref_returns is not None and not name:
+        ref_returns = minari_ref_returns
         ref_source = "the Minari dataset's ref_min_score/ref_max_score"
     elif env_name is not None:
         ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
@@ -833,6 +838,7 @@ def load_offline_data(
         dataset_id=dataset_id,
         ref_returns=ref_returns,
         ref_source=ref_source,
+        minari_ref_returns=minari_ref_returns,
     )
 
 
@@ -1100,6 +1106,9 @@ if __name__ == "__main__":
             score = normalized_score(returns.mean(), data.ref_returns)
             writer.add_scalar("eval/normalized_score", score, step)
             line += f" (normalized {score:.1f})"
+        if data.minari_ref_returns is not None:  # Minari's scale, beside D4RL's
+            minari_score = normalized_score(returns.mean(), data.minari_ref_returns)
+            writer.add_scalar("eval/minari_normalized_score", minari_score, step)
         print(line, flush=True)
 
     if start_epoch == 0:

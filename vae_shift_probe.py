@@ -107,6 +107,7 @@ class OfflineData:
     dataset_id: str
     ref_returns: tuple[float, float] | None  # (random, expert) returns of the normalized score
     ref_source: str  # where ref_returns came from
+    minari_ref_returns: tuple[float, float] | None = None  # the Minari dataset's own, if stored
 
     def __len__(self):
         return len(self.rewards)
@@ -570,8 +571,12 @@ def load_offline_data(
         )
 
     meta = minari_refs.storage.metadata if minari_refs is not None else {}
+    minari_ref_returns = None
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        minari_ref_returns = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+    # A D4RL-style name promises D4RL's scale; Minari's refs (its own v5 policies) are another
+    if minari_ref_returns is not None and not name:
+        ref_returns = minari_ref_returns
         ref_source = "the Minari dataset's ref_min_score/ref_max_score"
     elif env_name is not None:
         ref_returns, ref_source = D4RL_REF_RETURNS[env_name], "D4RL's -v2 reference returns"
@@ -594,6 +599,7 @@ def load_offline_data(
         dataset_id=dataset_id,
         ref_returns=ref_returns,
         ref_source=ref_source,
+        minari_ref_returns=minari_ref_returns,
     )
 
 
@@ -742,6 +748,9 @@ if __name__ == "__main__":
         line = f"online episodes: mean return {mean_return:.1f} over {len(episode_returns)}"
         if data.ref_returns is not None:
             line += f" (normalized {normalized_score(mean_return, data.ref_returns):.1f})"
+        if data.minari_ref_returns is not None:
+            minari_score = normalized_score(mean_return, data.minari_ref_returns)
+            line += f" (Minari-normalized {minari_score:.1f})"
         print(line)
 
     # SCORE both sets of pairs: log-likelihoods, their AUROC, the figure

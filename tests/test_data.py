@@ -173,8 +173,10 @@ def test_d4rl_name_loads_local_minari_dataset():
     assert data.env_spec.max_episode_steps == HOPPER_LIMIT
     assert data.dataset_id == "hopper-medium-v2"
 
-    assert data.ref_returns == MEDIUM_REFS
-    assert "Minari" in data.ref_source and "ref_min_score" in data.ref_source
+    # a D4RL-style name is scored on D4RL's scale, not on the dataset's own (other) refs
+    assert data.ref_returns == pytest.approx(cql_pretrain.D4RL_REF_RETURNS["hopper"])
+    assert "D4RL" in data.ref_source
+    assert data.minari_ref_returns == MEDIUM_REFS
 
 
 def test_minari_dataset_without_refs_falls_back_to_d4rl_constants():
@@ -187,6 +189,7 @@ def test_minari_dataset_without_refs_falls_back_to_d4rl_constants():
     assert data.ref_returns == pytest.approx(cql_pretrain.D4RL_REF_RETURNS["hopper"])
     assert data.ref_returns == pytest.approx((-20.272305, 3234.3))
     assert "D4RL" in data.ref_source
+    assert data.minari_ref_returns is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +213,8 @@ def test_medium_expert_concatenates_medium_then_expert():
         data.next_observations[n_med - 1], med[-1]["observations"][-1].astype(np.float32)
     )
     assert data.env_spec.max_episode_steps == HOPPER_LIMIT
-    assert data.ref_returns == MEDIUM_REFS
+    assert data.ref_returns == pytest.approx(cql_pretrain.D4RL_REF_RETURNS["hopper"])
+    assert data.minari_ref_returns == MEDIUM_REFS  # those of medium, the first part
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,8 +229,9 @@ def test_minari_id_given_directly():
     assert_matches(data, flat(exp))
     assert data.dataset_id == "mujoco/hopper/expert-v0"
     assert data.env_spec.id == "Hopper-v5" and data.env_spec.max_episode_steps == HOPPER_LIMIT
-    assert data.ref_returns == (1.0, 2.0)
+    assert data.ref_returns == (1.0, 2.0)  # a Minari id keeps Minari's scale
     assert "Minari" in data.ref_source
+    assert data.minari_ref_returns == (1.0, 2.0)
 
 
 def test_minari_id_given_directly_without_refs_uses_d4rl_constants_of_its_env():
@@ -575,6 +580,42 @@ def test_cli_missing_dataset_is_one_error_line(tmp_path):
     assert lines[-1] == error_lines[0]
     assert "mujoco/hopper/medium-v0" in error_lines[0] and "--dataset-path" in error_lines[0]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_scripts_log_d4rl_and_minari_scores_of_a_dataset_whose_refs_differ(tmp_path):
+    """hopper-medium-v2 from a Minari dataset with refs (-5, 123): eval/normalized_score is on
+    D4RL's scale, eval/minari_normalized_score on the dataset's, both from the same eval/return."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_minari("mujoco/hopper/medium-v0", medium_episodes(), hopper_env().spec, refs=MEDIUM_REFS)
+    tiny = "--ensemble-size 1 --hidden-sizes 8 8 --batch-size 4 --eval-episodes 1 --no-cuda"
+    commands = {
+        "cql_pretrain": f"cql_pretrain.py --total-steps 2 --bc-steps 1 --cql-n-actions 2 "
+        f"--eval-every 2 --log-every 1 --save-every 2 --checkpoint-path cql.pt {tiny}",
+        "off2on_finetune": f"off2on_finetune.py --checkpoint cql.pt --total-timesteps 10 "
+        f"--epoch-length 10 --first-epoch-multiplier 1 --auroc-every 100 {tiny}",
+    }
+    for exp_name, command in commands.items():
+        p = subprocess.run(
+            [sys.executable, *f"{REPO}/{command} --env-id hopper-medium-v2".split()],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr
+        (run_dir,) = (tmp_path / "runs").glob(f"hopper-medium-v2__{exp_name}__1__*")
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        returns = np.array([e.value for e in events.Scalars("eval/return")])
+        d4rl = [e.value for e in events.Scalars("eval/normalized_score")]
+        own = [e.value for e in events.Scalars("eval/minari_normalized_score")]
+        assert len(returns) >= 1
+        d4rl_refs = cql_pretrain.D4RL_REF_RETURNS["hopper"]
+        np.testing.assert_allclose(
+            d4rl, 100 * (returns - d4rl_refs[0]) / (d4rl_refs[1] - d4rl_refs[0]), rtol=1e-5
+        )
+        np.testing.assert_allclose(own, 100 * (returns + 5.0) / 128.0, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
