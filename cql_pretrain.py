@@ -13,10 +13,10 @@ checkpoint written here is what off2on_finetune.py fine-tunes. Docs: docs/cql_pr
 method, its equations and where we differ from the paper: docs/algorithm.md.
 
 Shared word for word with other scripts (tests/test_shared_blocks.py checks every copy):
-    data [off2on_finetune fqe_baseline vae_shift_probe]: D4RL_NAME GYM_IDS D4RL_REF_RETURNS
-        RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env episodes_to_transitions
-        load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit scale_to_env
-        normalized_score
+    data [off2on_finetune fqe_baseline vae_shift_probe awac_finetune bcq_finetune]: D4RL_NAME
+        GYM_IDS D4RL_REF_RETURNS RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env
+        episodes_to_transitions load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit
+        scale_to_env normalized_score
     layers [off2on_finetune fqe_baseline vae_shift_probe pixel_off2on]: VectorizedLinear
         vectorized_mlp LOG_STD_MIN
     actor [off2on_finetune fqe_baseline vae_shift_probe]: Actor
@@ -26,11 +26,11 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     merged policy [off2on_finetune vae_shift_probe pixel_off2on]: ensemble_gaussian
     CQL term [off2on_finetune pixel_off2on]: cql_proposals cql_gap
     CQL term, state-based [off2on_finetune]: q_data_and_proposals
-    checkpoints [off2on_finetune fqe_baseline vae_shift_probe pixel_off2on]: CHECKPOINT_FORMAT
-        CheckpointError load_checkpoint check_checkpoint_matches
-    saving [off2on_finetune fqe_baseline pixel_off2on]: save_checkpoint rng_state
-        restore_rng_state
-    resuming [off2on_finetune pixel_off2on]: check_same_settings
+    checkpoints [off2on_finetune fqe_baseline vae_shift_probe pixel_off2on awac_finetune
+        bcq_finetune]: CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
+    saving [off2on_finetune fqe_baseline pixel_off2on awac_finetune bcq_finetune]: save_checkpoint
+        rng_state restore_rng_state
+    resuming [off2on_finetune pixel_off2on awac_finetune bcq_finetune]: check_same_settings
     checkpoint path [off2on_finetune vae_shift_probe]: default_checkpoint_path
 """
 

@@ -20,20 +20,20 @@ paper's FQE learning rate and batch size were lost from its text: Adam 3e-4, bat
 Docs: docs/concept_experiments.md.
 
 Shared word for word with other scripts (tests/test_shared_blocks.py checks every copy):
-    data [cql_pretrain off2on_finetune vae_shift_probe]: D4RL_NAME GYM_IDS D4RL_REF_RETURNS
-        RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env episodes_to_transitions
-        load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit scale_to_env
-        normalized_score
+    data [cql_pretrain off2on_finetune vae_shift_probe awac_finetune bcq_finetune]: D4RL_NAME
+        GYM_IDS D4RL_REF_RETURNS RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env
+        episodes_to_transitions load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit
+        scale_to_env normalized_score
     layers [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on]: VectorizedLinear
         vectorized_mlp LOG_STD_MIN
     actor [cql_pretrain off2on_finetune vae_shift_probe]: Actor
     critic [cql_pretrain off2on_finetune]: Critic
     policy [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on]: tanh_gaussian_log_prob
         tanh_gaussian_sample
-    checkpoints [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on]: CHECKPOINT_FORMAT
-        CheckpointError load_checkpoint check_checkpoint_matches
-    saving [cql_pretrain off2on_finetune pixel_off2on]: save_checkpoint rng_state
-        restore_rng_state
+    checkpoints [cql_pretrain off2on_finetune vae_shift_probe pixel_off2on awac_finetune
+        bcq_finetune]: CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
+    saving [cql_pretrain off2on_finetune pixel_off2on awac_finetune bcq_finetune]: save_checkpoint
+        rng_state restore_rng_state
 """
 
 import math

@@ -18,12 +18,12 @@ the density-ratio net and the defaults. Docs: docs/off2on_finetune.md; the metho
 mapped to functions and where we differ from the paper: docs/algorithm.md.
 
 Shared word for word with other scripts (tests/test_shared_blocks.py checks every copy):
-    data [cql_pretrain fqe_baseline vae_shift_probe]: D4RL_NAME GYM_IDS D4RL_REF_RETURNS
-        RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env episodes_to_transitions
-        load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit scale_to_env
-        normalized_score
-    layers [cql_pretrain fqe_baseline vae_shift_probe pixel_off2on]: VectorizedLinear
-        vectorized_mlp LOG_STD_MIN
+    data [cql_pretrain fqe_baseline vae_shift_probe awac_finetune bcq_finetune]: D4RL_NAME GYM_IDS
+        D4RL_REF_RETURNS RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env
+        episodes_to_transitions load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit
+        scale_to_env normalized_score
+    layers [cql_pretrain fqe_baseline vae_shift_probe pixel_off2on]: VectorizedLinear vectorized_mlp
+        LOG_STD_MIN
     actor [cql_pretrain fqe_baseline vae_shift_probe]: Actor
     critic [cql_pretrain fqe_baseline]: Critic
     policy [cql_pretrain fqe_baseline vae_shift_probe pixel_off2on]: tanh_gaussian_log_prob
@@ -33,11 +33,11 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     CQL term, state-based [cql_pretrain]: q_data_and_proposals
     balanced replay [pixel_off2on]: SumTree density_ratio_loss priority
     AUROC [vae_shift_probe]: auroc
-    checkpoints [cql_pretrain fqe_baseline vae_shift_probe pixel_off2on]: CHECKPOINT_FORMAT
-        CheckpointError load_checkpoint check_checkpoint_matches
-    saving [cql_pretrain fqe_baseline pixel_off2on]: save_checkpoint rng_state
-        restore_rng_state
-    resuming [cql_pretrain pixel_off2on]: check_same_settings
+    checkpoints [cql_pretrain fqe_baseline vae_shift_probe pixel_off2on awac_finetune bcq_finetune]:
+        CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
+    saving [cql_pretrain fqe_baseline pixel_off2on awac_finetune bcq_finetune]: save_checkpoint
+        rng_state restore_rng_state
+    resuming [cql_pretrain pixel_off2on awac_finetune bcq_finetune]: check_same_settings
     checkpoint path [cql_pretrain vae_shift_probe]: default_checkpoint_path
     members [pixel_off2on]: parse_members
 """

@@ -24,11 +24,11 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     merged policy [cql_pretrain off2on_finetune vae_shift_probe]: ensemble_gaussian
     CQL term [cql_pretrain off2on_finetune]: cql_proposals cql_gap
     balanced replay [off2on_finetune]: SumTree density_ratio_loss priority
-    checkpoints [cql_pretrain off2on_finetune fqe_baseline vae_shift_probe]: CHECKPOINT_FORMAT
-        CheckpointError load_checkpoint check_checkpoint_matches
-    saving [cql_pretrain off2on_finetune fqe_baseline]: save_checkpoint rng_state
-        restore_rng_state
-    resuming [cql_pretrain off2on_finetune]: check_same_settings
+    checkpoints [cql_pretrain off2on_finetune fqe_baseline vae_shift_probe awac_finetune
+        bcq_finetune]: CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
+    saving [cql_pretrain off2on_finetune fqe_baseline awac_finetune bcq_finetune]: save_checkpoint
+        rng_state restore_rng_state
+    resuming [cql_pretrain off2on_finetune awac_finetune bcq_finetune]: check_same_settings
     members [off2on_finetune]: parse_members
 """
 

@@ -18,20 +18,21 @@ pairs (0.5: no shift) show the shift. The paper's learning rate was lost from it
 1e-3, as BCQ's VAE. Docs: docs/concept_experiments.md.
 
 Shared word for word with other scripts (tests/test_shared_blocks.py checks every copy):
-    data [cql_pretrain off2on_finetune fqe_baseline]: D4RL_NAME GYM_IDS D4RL_REF_RETURNS
-        RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env episodes_to_transitions
-        load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit scale_to_env
-        normalized_score
-    layers [cql_pretrain off2on_finetune fqe_baseline pixel_off2on]: VectorizedLinear
-        vectorized_mlp LOG_STD_MIN
+    data [cql_pretrain off2on_finetune fqe_baseline awac_finetune bcq_finetune]: D4RL_NAME GYM_IDS
+        D4RL_REF_RETURNS RANDOM_DATASET_ID FIELDS DatasetError OfflineData make_env
+        episodes_to_transitions load_d4rl_hdf5 load_minari_dataset load_offline_data scale_to_unit
+        scale_to_env normalized_score
+    layers [cql_pretrain off2on_finetune fqe_baseline pixel_off2on]: VectorizedLinear vectorized_mlp
+        LOG_STD_MIN
     actor [cql_pretrain off2on_finetune fqe_baseline]: Actor
     policy [cql_pretrain off2on_finetune fqe_baseline pixel_off2on]: tanh_gaussian_log_prob
         tanh_gaussian_sample
     merged policy [cql_pretrain off2on_finetune pixel_off2on]: ensemble_gaussian
     AUROC [off2on_finetune]: auroc
-    checkpoints [cql_pretrain off2on_finetune fqe_baseline pixel_off2on]: CHECKPOINT_FORMAT
-        CheckpointError load_checkpoint check_checkpoint_matches
+    checkpoints [cql_pretrain off2on_finetune fqe_baseline pixel_off2on awac_finetune bcq_finetune]:
+        CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
     checkpoint path [cql_pretrain off2on_finetune]: default_checkpoint_path
+    mlp [bcq_finetune]: mlp
 """
 
 import math

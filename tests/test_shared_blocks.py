@@ -16,25 +16,30 @@ SCRIPTS = sorted(
     for f in os.listdir(ROOT)
     if f.endswith(".py") and "Shared word for word" in open(os.path.join(ROOT, f)).read()
 )
-BLOCK = re.compile(r"^    (\S[^\[]*?) \[([\w ]+)\]: (.*)$")
+BLOCK = re.compile(r"(\S[^\[]*?) \[([\w ]+)\]: (.*)")
 
 
 def listing(script: str) -> dict:
-    """The header's listing: {block: (the scripts holding it, this one included, [names])}."""
+    """The header's listing: {block: (the scripts holding it, this one included, [names])}.
+    A block starts on a line indented by 4 spaces; its lines indented by 8 continue it."""
     doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, script)).read()))
     lines = doc.split("Shared word for word")[1].splitlines()[1:]
-    blocks, current = {}, None
+    entries = []
     for line in lines:
         if not line.strip():
             break
-        if match := BLOCK.match(line):
-            current = match.group(1)
-            assert current not in blocks, f"{script}: block '{current}' listed twice"
-            files = frozenset({script, *(f"{name}.py" for name in match.group(2).split())})
-            blocks[current] = (files, match.group(3).split())
+        if line.startswith(" " * 4) and line[4] != " ":
+            entries.append(line.strip())
         else:
-            assert line.startswith(" " * 8) and current, f"{script}: can't read '{line}'"
-            blocks[current][1].extend(line.split())
+            assert line.startswith(" " * 8) and entries, f"{script}: can't read '{line}'"
+            entries[-1] += " " + line.strip()
+    blocks = {}
+    for entry in entries:
+        match = BLOCK.fullmatch(entry)
+        assert match, f"{script}: can't read '{entry}'"
+        assert match.group(1) not in blocks, f"{script}: block '{match.group(1)}' listed twice"
+        files = frozenset({script, *(f"{name}.py" for name in match.group(2).split())})
+        blocks[match.group(1)] = (files, match.group(3).split())
     return blocks
 
 
