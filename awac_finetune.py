@@ -27,6 +27,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain off2on_finetune fqe_baseline pixel_off2on bcq_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune pixel_off2on bcq_finetune]: check_same_settings
+    non-finite [bcq_finetune]: stop_if_not_finite
 """
 
 import json
@@ -701,6 +702,14 @@ def validate_args(args: Args):
         raise ValueError("hidden sizes must be >= 1")
 
 
+def stop_if_not_finite(means: dict, where: str, state_path: str):
+    if not all(math.isfinite(v) for v in means.values()):
+        raise SystemExit(
+            f"error: non-finite loss {where} ({means}); the last good state ({state_path}) is "
+            "kept. Try lower learning rates, and --resume from it"
+        )
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     seed, env_tag = args.seed, args.env_id.replace("/", "-")
@@ -796,11 +805,7 @@ if __name__ == "__main__":
             or last
         ):
             logs = {k: v.item() for k, v in logs.items()}
-            if not all(math.isfinite(v) for v in logs.values()):
-                raise SystemExit(
-                    f"error: non-finite loss at offline step {offline_step} ({logs}); the last "
-                    f"good state ({state_path}) is kept. Try lower learning rates, and --resume"
-                )
+            stop_if_not_finite(logs, f"at offline step {offline_step}", state_path)
         if offline_step % args.log_every == 0 or last:
             sps = int((offline_step - last_step) / (time.time() - start_time))
             start_time, last_step = time.time(), offline_step
@@ -871,11 +876,7 @@ if __name__ == "__main__":
 
         # LOG the epoch's means; a non-finite loss stops the run before it reaches a checkpoint
         means = {k: (v / n_updates).item() for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):
-            raise SystemExit(
-                f"error: non-finite loss in epoch {epoch} ({means}); the last good state "
-                f"({state_path}) is kept. Try lower learning rates, and --resume from it"
-            )
+        stop_if_not_finite(means, f"in epoch {epoch}", state_path)
         for k, v in means.items():
             writer.add_scalar(f"losses/{k}", v, step)
         sps = int(args.epoch_length / (time.time() - epoch_start))

@@ -28,6 +28,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain off2on_finetune fqe_baseline pixel_off2on awac_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune pixel_off2on awac_finetune]: check_same_settings
+    non-finite [awac_finetune]: stop_if_not_finite
     mlp [vae_shift_probe]: mlp
 """
 

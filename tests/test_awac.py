@@ -361,3 +361,15 @@ def test_bad_input_fails_in_one_line(e2e):
     check_error(e2e["missing_dataset"], "mujoco/hopper/medium-v0", "minari download")
     check_error(e2e["bad_number"], "--batch-size must be >= 1, got 0")
     check_error(e2e["bad_total"], "--total-timesteps 300", "--epoch-length 200")
+
+
+def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_state():
+    from awac_finetune import stop_if_not_finite
+
+    stop_if_not_finite(
+        {"qf_loss": 1.0, "actor_loss": -2.0}, "in epoch 3", "s.pt"
+    )  # finite: goes on
+    with pytest.raises(SystemExit) as stop:
+        stop_if_not_finite({"qf_loss": float("nan"), "actor_loss": 0.0}, "in epoch 3", "s.pt")
+    assert str(stop.value).startswith("error: non-finite loss in epoch 3")
+    assert "s.pt" in str(stop.value) and "--resume" in str(stop.value)
