@@ -60,6 +60,15 @@ class Args:
     """transitions in the locally generated uniform-random dataset (`*-random-v2`)"""
     dataset_only: bool = False
     """make (or check) the dataset, print its size, and exit"""
+    rollout_dataset: str | None = None
+    """instead, make a dataset by rolling out this checkpoint's agents (stochastic actions, taking
+    turns by episode) in `--env-id`'s environment, `--rollout-steps` steps, and exit"""
+    rollout_steps: int = 1_000_000
+    """transitions in a `--rollout-dataset`"""
+    import_rlkit: str | None = None
+    """instead, convert the authors' released agents (a folder of `..._seed<k>/` sub-folders with
+    rlkit's actor_<step>.pt, critic1_<step>.pt, critic2_<step>.pt) into a checkpoint for
+    `--env-id` at `--checkpoint-path`, and exit"""
     ensemble_size: int = 5
     """number of independent CQL agents N"""
     seed: int = 1
@@ -613,26 +622,14 @@ def normalized_score(returns, ref_returns):
     return 100 * (np.asarray(returns) - ref_returns[0]) / (ref_returns[1] - ref_returns[0])
 
 
-def make_random_dataset(env_name: str, size: int, seed: int = 0):
-    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
-    Minari dataset, once: it stands in for D4RL's random-v2 files, which can't be downloaded."""
+def record_dataset(dataset_id: str, env, size: int, act, seed: int, **about):
+    """Roll out `act(obs, episode) -> env action` for `size` steps and store the episodes as a
+    local Minari dataset (the last one cut at `size`, as a truncation). No reference scores are
+    stored: load_offline_data scores the locomotion envs with D4RL's."""
     import minari
     from minari.data_collector import EpisodeBuffer
 
-    dataset_id = RANDOM_DATASET_ID.format(env_name=env_name, size=size)
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a generation interrupted while writing: make it again
-        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
-        minari.delete_dataset(dataset_id)
-    env = make_env(gym.spec(GYM_IDS[env_name]))
-    env.action_space.seed(seed)
     buffers, steps, start_time = [], 0, time.time()
-    print(
-        f"Generating {dataset_id}: {size:,} uniform-random steps in {env.spec.id} ...", flush=True
-    )
     while steps < size:
         obs, _ = env.reset(seed=seed + len(buffers))
         ep = {
@@ -644,7 +641,7 @@ def make_random_dataset(env_name: str, size: int, seed: int = 0):
         }
         done = False
         while not done:
-            action = env.action_space.sample()
+            action = act(obs, len(buffers))
             obs, reward, terminated, truncated, _ = env.step(action)
             steps += 1
             truncated = truncated or steps == size
@@ -655,18 +652,100 @@ def make_random_dataset(env_name: str, size: int, seed: int = 0):
                 rate = steps / (time.time() - start_time)
                 print(f"  {steps:,}/{size:,} steps ({rate:,.0f} steps/s)", flush=True)
         buffers.append(EpisodeBuffer(id=len(buffers), **{k: np.asarray(v) for k, v in ep.items()}))
-    return minari.create_dataset_from_buffers(  # no reference scores stored: D4RL's are used
-        dataset_id,
-        buffers,
-        env=env,
-        eval_env=env.spec,
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env, eval_env=env.spec, author="off2on", author_email="none",
+        code_permalink="cql_pretrain.py", **about,
+    )  # fmt: skip
+
+
+def existing_dataset(dataset_id: str):
+    """The local Minari dataset, or None if it is missing or was left half-written (deleted)."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a generation interrupted while writing: make it again
+        print(f"{dataset_id} is unreadable ({type(e).__name__}): generating it again", flush=True)
+        minari.delete_dataset(dataset_id)
+
+
+def make_random_dataset(env_name: str, size: int, seed: int = 0):
+    """Roll out a uniform-random policy for `size` steps in the v5 env and store it as a local
+    Minari dataset, once: it stands in for D4RL's random-v2 files, which can't be downloaded."""
+    dataset_id = RANDOM_DATASET_ID.format(env_name=env_name, size=size)
+    if (dataset := existing_dataset(dataset_id)) is not None:
+        return dataset
+    env = make_env(gym.spec(GYM_IDS[env_name]))
+    env.action_space.seed(seed)
+    print(
+        f"Generating {dataset_id}: {size:,} uniform-random steps in {env.spec.id} ...", flush=True
+    )
+    return record_dataset(
+        dataset_id, env, size, lambda obs, episode: env.action_space.sample(), seed,
         algorithm_name="uniform-random policy",
-        author="off2on",
-        author_email="none",
-        code_permalink="cql_pretrain.py",
         description=f"{size} steps of a uniform-random policy in {env.spec.id} "
         f"(stands in for D4RL's {env_name}-random-v2)",
+    )  # fmt: skip
+
+
+ROLLOUT_DATASET_ID = "off2on/{env_name}/rollout-{name}-n{size}-v0"  # made by cql_pretrain.py
+
+
+def env_spec_of(env_id: str):
+    """The environment of a D4RL-style name or a Gymnasium id, without reading any dataset."""
+    if name := D4RL_NAME.match(env_id):
+        return gym.spec(GYM_IDS[name.group(1)])
+    try:
+        return gym.spec(env_id)
+    except gym.error.Error:
+        msg = f"--env-id {env_id} is neither a D4RL-style name nor a Gymnasium env id"
+        raise DatasetError(msg) from None
+
+
+def make_rollout_dataset(checkpoint_path: str, env_id: str, size: int, seed: int = 0):
+    """Roll out a pretrained checkpoint's agents for `size` steps, stochastic actions, member
+    `episode % N` acting in each episode, and store it as a local Minari dataset, once. D4RL
+    made its medium sets the same way from one partly trained policy; this stands in for them
+    where they can't be downloaded (docs/cql_pretrain.md, "Rollout datasets")."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    meta = checkpoint["metadata"]
+    env_spec = env_spec_of(env_id)
+    env_name = next((k for k, v in GYM_IDS.items() if v.startswith(env_spec.name)), None)
+    stem = re.sub(r"[^a-z0-9]+", "-", os.path.basename(checkpoint_path).lower()[: -len(".pt")])
+    dataset_id = ROLLOUT_DATASET_ID.format(
+        env_name=env_name or env_spec.name.lower(), name=stem.strip("-"), size=size
     )
+    if (dataset := existing_dataset(dataset_id)) is not None:
+        return dataset
+    env = make_env(env_spec)
+    dims = {"obs_dim": env.observation_space.shape[0], "action_dim": env.action_space.shape[0]}
+    check_checkpoint_matches(meta, dims, checkpoint_path)
+    N = meta["ensemble_size"]
+    actor = Actor(dims["obs_dim"], dims["action_dim"], meta["hidden_sizes"], N)
+    actor.load_state_dict(checkpoint["actor"])
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def act(obs, episode):
+        i = episode % N
+        mean, log_std = actor(torch.as_tensor(obs, dtype=torch.float32).expand(N, 1, -1))
+        eps = torch.randn(mean.shape[-1], generator=generator)
+        action = tanh_gaussian_sample(mean[i, 0], log_std[i, 0], eps)[0].numpy()
+        return scale_to_env(action, env.action_space)
+
+    print(
+        f"Generating {dataset_id}: {size:,} steps of the {N} agents of {checkpoint_path} "
+        f"(stochastic, taking turns by episode) in {env.spec.id} ...",
+        flush=True,
+    )
+    return record_dataset(
+        dataset_id, env, size, act, seed, algorithm_name=f"rollouts of {checkpoint_path}",
+        description=f"{size} steps of stochastic rollouts of the {N} agents of "
+        f"{checkpoint_path} in {env.spec.id}, taking turns by episode (stands in for a "
+        f"D4RL dataset that can't be downloaded here)",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,9 +837,112 @@ def default_checkpoint_path(env_id: str, ensemble_size: int, seed: int) -> str:
     return f"checkpoints/cql__{env_id.replace('/', '-')}__n{ensemble_size}__seed{seed}.pt"
 
 
+RLKIT_AGENT_DIR = re.compile(r"(?:^|_)seed(\d+)$")  # the authors': halfcheetah-medium-v0_seed4
+RLKIT_KEYS = {  # rlkit's Linear layers fc0, fc1, ... then the heads, concatenated in this order
+    "actor": ("last_fc", "last_fc_log_std"),
+    "critic1": ("last_fc",),
+    "critic2": ("last_fc",),
+}
+
+
+def rlkit_to_vectorized(state_dicts: list[tuple[dict, str]], heads, sizes, env_id) -> dict:
+    """rlkit MLPs (`fc{j}` then `heads`; torch Linear weights [out, in]), one state dict per
+    member (with its file's name) -> the state dict of one vectorized_mlp: weight [N, in, out]
+    = W^T, bias [N, 1, out]. Several heads become one last layer, their outputs side by side.
+    Every member must have the layer sizes `sizes` = [in, *hidden, out]."""
+    names = [f"fc{j}" for j in range(len(sizes) - 2)]
+    keys = sorted(f"{n}.{p}" for n in (*names, *heads) for p in ("weight", "bias"))
+    layers = []
+    for sd, path in state_dicts:
+        if sorted(sd) != keys:
+            raise CheckpointError(
+                f"{path} is not an rlkit state dict of this kind: it has {sorted(sd)[:8]}, "
+                f"expected {keys}"
+            )
+        head = [torch.cat([sd[f"{h}.{p}"] for h in heads]) for p in ("weight", "bias")]
+        member = [(sd[f"{n}.weight"], sd[f"{n}.bias"]) for n in names] + [tuple(head)]
+        shapes = [(w.shape[1], *b.shape) if w.dim() == 2 else w.shape for w, b in member]
+        if shapes != (expected := list(zip(sizes[:-1], sizes[1:]))):
+            raise CheckpointError(
+                f"{path} has layers (in, out) {shapes}, but {env_id} with hidden sizes "
+                f"{sizes[1:-1]} needs {expected}"
+            )
+        layers.append(member)
+    state = {}
+    for j, layer in enumerate(zip(*layers)):  # layer j of every member; ReLUs sit in between
+        state[f"net.{2 * j}.weight"] = torch.stack([w.T for w, _ in layer]).float()
+        state[f"net.{2 * j}.bias"] = torch.stack([b[None] for _, b in layer]).float()
+    return state
+
+
+def import_rlkit(folder: str, ensemble_size: int, env) -> tuple[dict, dict]:
+    """The authors' released CQL agents (https://github.com/shlee94/Off2OnRL, folder
+    rlkit/data/cql/): one sub-folder per agent, `..._seed{k}`, holding rlkit state dicts
+    actor_{step}.pt, critic1_{step}.pt, critic2_{step}.pt. The first N agents in increasing seed
+    order become members 0..N-1, as the official launcher builds its ensemble (seeds 4i + seed);
+    target critics start as copies of the critics, as there. Returns the checkpoint's networks
+    and what to add to its metadata."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"--import-rlkit {folder} is not a folder")
+    agents = sorted(
+        (int(m.group(1)), d)
+        for d in os.listdir(folder)
+        if (m := RLKIT_AGENT_DIR.search(d)) and os.path.isdir(os.path.join(folder, d))
+    )
+    if len(agents) < ensemble_size:
+        raise CheckpointError(
+            f"--import-rlkit {folder} holds {len(agents)} agent folders (named ..._seed<k>), "
+            f"fewer than --ensemble-size {ensemble_size}"
+        )
+    parts, steps = {part: [] for part in RLKIT_KEYS}, []
+    for _, name in agents[:ensemble_size]:
+        path = os.path.join(folder, name)
+        saved = [re.fullmatch(r"actor_(\d+)\.pt", f) for f in os.listdir(path)]
+        if not (saved := [int(m.group(1)) for m in saved if m]):
+            raise CheckpointError(f"{path} holds no actor_<step>.pt")
+        steps.append(max(saved))
+        for part in RLKIT_KEYS:
+            file = os.path.join(path, f"{part}_{steps[-1]}.pt")
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{file} is missing: each agent needs {list(RLKIT_KEYS)}")
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{file} is not a readable torch file ({type(e).__name__})")
+            if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+                raise CheckpointError(f"{file} is not a state dict (a dict of tensors)")
+            parts[part].append((sd, file))
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    first = parts["actor"][0][0]  # its hidden sizes, which every network must share
+    hidden_sizes = [
+        first[f"fc{j}.weight"].shape[0] for j in range(len(first)) if f"fc{j}.weight" in first
+    ]
+    sizes = [obs_dim, *hidden_sizes, 2 * action_dim]
+    actor = rlkit_to_vectorized(parts["actor"], RLKIT_KEYS["actor"], sizes, env.spec.id)
+    # member 2i + k of our Critic is critic k + 1 of agent i
+    critics = [c for pair in zip(parts["critic1"], parts["critic2"]) for c in pair]
+    sizes = [obs_dim + action_dim, *hidden_sizes, 1]
+    qf = rlkit_to_vectorized(critics, RLKIT_KEYS["critic1"], sizes, env.spec.id)
+    log_alpha = torch.zeros(ensemble_size)  # not released; fine-tuning restarts alpha at 1
+    qf_target = {k: v.clone() for k, v in qf.items()}
+    networks = {"actor": actor, "qf": qf, "qf_target": qf_target, "log_alpha": log_alpha}
+    about = {
+        "obs_dim": obs_dim,
+        "action_dim": action_dim,
+        "hidden_sizes": hidden_sizes,
+        "imported_from": {
+            "folder": os.path.abspath(folder),
+            "agents": [name for _, name in agents[:ensemble_size]],
+            "steps": steps,
+        },
+    }
+    return networks, about
+
+
 # settings that may change when a run is resumed: they don't change what is computed
 NOT_SETTINGS = ("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every")
 NOT_SETTINGS += ("eval_episodes", "save_every", "exp_name", "checkpoint_path", "dataset_only")
+NOT_SETTINGS += ("rollout_dataset", "rollout_steps", "import_rlkit")
 
 
 def validate_args(args: Args):
@@ -775,13 +957,36 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     N, seed = args.ensemble_size, args.seed
     checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, N, seed)
+    saved_args = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
     try:
         validate_args(args)
+        if args.rollout_dataset:
+            dataset = make_rollout_dataset(args.rollout_dataset, args.env_id, args.rollout_steps)
+            returns = [ep.rewards.sum() for ep in dataset.iterate_episodes()]
+            print(
+                f"{dataset.spec.dataset_id}: {dataset.total_steps:,} transitions, "
+                f"{len(returns)} episodes, return {np.mean(returns):.1f} +- {np.std(returns):.1f}"
+                f" (min {np.min(returns):.1f}, max {np.max(returns):.1f}); fine-tune on it with "
+                f"--env-id {dataset.spec.dataset_id}"
+            )
+            raise SystemExit(0)
         if os.path.exists(checkpoint_path) and not (args.resume or args.dataset_only):
             raise ValueError(
                 f"{checkpoint_path} exists: pass --resume to continue it, "
                 "or --checkpoint-path to write elsewhere"
             )
+        if args.import_rlkit:
+            env = make_env(env_spec_of(args.env_id))
+            networks, about = import_rlkit(args.import_rlkit, N, env)
+            metadata = {  # no dataset: fine-tuning checks the environment instead
+                **about, "ensemble_size": N, "dataset_id": None, "env_id": env.spec.id,
+                "critic_source": "cql", "args": saved_args,
+            }  # fmt: skip
+            checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata, **networks}
+            save_checkpoint(checkpoint_path, checkpoint)
+            agents = ", ".join(about["imported_from"]["agents"])
+            print(f"Wrote {checkpoint_path}: members 0-{N - 1} from {agents} ({env.spec.id})")
+            raise SystemExit(0)
         name = D4RL_NAME.match(args.env_id)
         if name and name.group(2) == "random" and args.dataset_path is None:
             make_random_dataset(name.group(1), args.random_dataset_size)
@@ -804,7 +1009,7 @@ if __name__ == "__main__":
         "dataset_id": data.dataset_id,
         "env_id": data.env_spec.id,
         "critic_source": "cql",
-        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()},
+        "args": saved_args,
     }
     agents = CQLEnsemble(
         obs_dim, action_dim, args.hidden_sizes, N, args.cql_alpha, args.cql_n_actions, args.gamma,

@@ -1041,7 +1041,11 @@ if __name__ == "__main__":
         else:
             pretrained = load_checkpoint(path)
             meta = pretrained["metadata"]
-            expected = {"dataset_id": data.dataset_id, "obs_dim": obs_dim, "action_dim": action_dim}
+            expected = {"obs_dim": obs_dim, "action_dim": action_dim}
+            if "imported_from" in meta:  # pretrained elsewhere, on data we can't name: check env
+                expected["env_id"] = data.env_spec.id
+            else:
+                expected["dataset_id"] = data.dataset_id
             check_checkpoint_matches(meta, expected, path)
             if max(members) >= meta["ensemble_size"]:
                 raise CheckpointError(
@@ -1049,8 +1053,10 @@ if __name__ == "__main__":
                     f"for members {members}"
                 )
             hidden_sizes = meta["hidden_sizes"]
-            critics = meta.get("critic_source", "cql")
-            print(f"Fine-tuning members {members} of {path} (critics from {critics})")
+            source = f"critics from {meta.get('critic_source', 'cql')}"
+            if "imported_from" in meta:
+                source += f"; imported from {meta['imported_from']['folder']}"
+            print(f"Fine-tuning members {members} of {path} ({source})")
     except ValueError as e:  # DatasetError and CheckpointError included
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
