@@ -37,9 +37,10 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Args:
-    grid: Literal["fig3", "fig4c", "fig4d", "e1", "pixels"] = "fig3"
+    grid: Literal["fig3", "fig4c", "fig4d", "e1", "pixels", "finetune"] = "fig3"
     """which figure's runs: fig3 (the method and the baselines), fig4c (replay), fig4d (ensemble
-    size), e1 (appendix E.1 variants), pixels (Figure 5)"""
+    size), e1 (appendix E.1 variants), pixels (Figure 5), finetune (what fine-tunes one
+    pretrained ensemble: the method, SAC-ft, CQL-ft, uniform replay, one agent; and AWAC)"""
     seeds: int = 5
     """seeds 1..seeds of every run"""
     env_ids: tuple[str, ...] = ()
@@ -52,6 +53,9 @@ class Args:
     dataset_dir: str | None = None
     """folder of D4RL .hdf5 files named as D4RL names them (hopper_medium_replay-v2.hdf5): a
     dataset with its file there is read from it (`--dataset-path`); medium-replay needs one"""
+    checkpoint: str | None = None
+    """start every run that fine-tunes a pretrained ensemble from this checkpoint (e.g. agents
+    imported with `cql_pretrain.py --import-rlkit`): no pretraining jobs"""
     pretrain_extra: str = ""
     """flags for the cql_pretrain.py jobs only, e.g. "--log-every 100" """
     backend: Literal["local", "slurm", "submitit-local"] = "local"
@@ -84,6 +88,15 @@ class Args:
     """where `--plot` writes {grid}_curves.png/.pdf, fig4a/fig4b, aggregates, tables, data"""
     bootstrap_reps: int = 50_000
     """stratified bootstrap resamples of the aggregate scores' 95% intervals"""
+    at_steps: tuple[int, ...] = ()
+    """with `--plot`: also tabulate the scores at these online steps, and the dip: the lowest
+    score up to `--dip-until` steps minus the score at step 0 (the drop of the paper's Figure 1)"""
+    dip_until: int = 5_000
+    """online steps in which the dip is looked for"""
+    reference: tuple[str, ...] = ()
+    """with `--plot`: runs of other code drawn (dashed) and tabulated beside the grid's, as
+    `LABEL=FILE.csv` with columns `env_steps` and `normalized_score` (e.g. the official code's
+    log), cut at the grid's last step"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +151,14 @@ GRIDS = {
         variant("cql-reg", "CQL Reg", "--finetune-loss", "cql"),
         variant("ratio-replay", "d_on / d_replay", "--ratio-target", "replay"),
     ),
+    "finetune": (  # one pretrained ensemble (--checkpoint), fine-tuned five ways; AWAC beside
+        variant("off2on_finetune", "Ours"),
+        Method("sac-ft", "SAC-ft", FT, ONE_AGENT_ONLINE, True),
+        Method("cql-ft", "CQL-ft", FT, (*ONE_AGENT_ONLINE, "--finetune-loss", "cql"), True),
+        variant("uniform", "Uniform replay", "--replay", "uniform"),
+        Method("n1", "N=1", FT, ("--ensemble-size", "1"), True),
+        Method("awac", "AWAC", "awac_finetune.py"),
+    ),
     "pixels": (  # pixel_off2on.py pretrains by itself (see make_jobs)
         Method("pixel_off2on", "Ours", "pixel_off2on.py", N5),
         Method(
@@ -145,7 +166,7 @@ GRIDS = {
         ),
     ),
 }
-GRID_ENVS = {"fig3": LOCOMOTION, "fig4c": LOCOMOTION, "fig4d": LOCOMOTION, "e1": LOCOMOTION}
+GRID_ENVS = {g: LOCOMOTION for g in ("fig3", "fig4c", "fig4d", "e1", "finetune")}
 GRID_ENVS["pixels"] = PIXEL_TASKS
 SCORE_TAG = {"pixels": "eval/success_rate"}  # every other grid: eval/normalized_score
 # what off2on_finetune.py passes to cql_pretrain.py when it pretrains by itself (its pretrain())
@@ -210,6 +231,8 @@ def make_jobs(args: Args, notes: list[str] | None = None) -> list[Job]:
     methods = [m for m in methods if not args.methods or m.exp_name in args.methods]
     if args.seeds < 1 or args.workers < 1 or args.threads < 1:
         raise ValueError("--seeds, --workers and --threads must be >= 1")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint} does not exist")
     extra = all_extra = flag_groups(shlex.split(args.extra))
     pretrain_extra = shlex.split(args.pretrain_extra)
     flags_of = {s: script_flags(s) for s in {m.script for m in methods} | {"cql_pretrain.py"}}
@@ -237,8 +260,8 @@ def make_jobs(args: Args, notes: list[str] | None = None) -> list[Job]:
         jobs.append(data)
         for seed in range(1, args.seeds + 1):
             base = ("--seed", str(seed), "--resume")
-            pretrain = None
-            if any(m.pretrained for m in methods):
+            pretrain, given = None, ("--checkpoint", args.checkpoint) if args.checkpoint else ()
+            if any(m.pretrained for m in methods) and not given:
                 final = f"checkpoints/cql__{tag}__n5__seed{seed}.pt"
                 argv = ("cql_pretrain.py", "--env-id", env_id, "--ensemble-size", "5", *base)
                 argv += ("--checkpoint-path", f"{final}.partial")
@@ -250,8 +273,8 @@ def make_jobs(args: Args, notes: list[str] | None = None) -> list[Job]:
             for m in methods:
                 env_flag = "--task" if m.script == "pixel_off2on.py" else "--env-id"
                 argv = (m.script, env_flag, env_id, "--exp-name", m.exp_name, *base, *m.flags)
-                argv += tuple(pass_flags(extra, flags_of[m.script]))
-                deps = (pretrain.name,) if m.pretrained else (data.name,)
+                argv += (*(given if m.pretrained else ()), *pass_flags(extra, flags_of[m.script]))
+                deps = (pretrain.name,) if m.pretrained and pretrain else (data.name,)
                 if pixels and provider:
                     deps = (provider,)
                 job = Job(f"{tag}__{m.exp_name}__{seed}", argv, deps)
@@ -499,6 +522,57 @@ def final_scores(runs: dict, envs: list[str], exp: str, tag: str) -> dict[str, d
     return scores
 
 
+def read_reference(spec: str) -> tuple:
+    """`LABEL=FILE.csv` -> (label, env_steps, normalized_score); lines starting with # are
+    comments."""
+    import csv
+
+    import numpy as np
+
+    label, sep, path = spec.partition("=")
+    if not sep or not os.path.isfile(path):
+        raise ValueError(f"--reference {spec}: expected LABEL=FILE.csv with an existing file")
+    with open(path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    try:
+        columns = [[float(r[c]) for r in rows] for c in ("env_steps", "normalized_score")]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"--reference {path}: needs numbers in columns env_steps and normalized_score"
+        ) from None
+    return label, *map(np.array, columns)
+
+
+def step_table(runs, envs, methods, tag, at_steps, dip_until, references=()) -> str:
+    """The score at each of `at_steps` (mean +- std over the seeds that reached it, and their
+    number) and the dip: per seed, the lowest score in (0, dip_until] minus the score at 0."""
+    import numpy as np
+
+    def cell(values):
+        values = np.asarray(values)
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{values.mean():.1f} ± {values.std():.1f} ({len(values)})" if len(values) else ""
+
+    head = " | ".join(f"{s:,}" for s in at_steps)
+    lines = [f"| dataset | method | {head} | dip |", "|---|---|" + "---|" * (len(at_steps) + 1)]
+    for env in envs:
+        rows = []
+        for exp, label in methods:
+            of_method = [s for (e, x, _), s in sorted(runs.items()) if (e, x) == (env, exp)]
+            rows.append((label, [dict(zip(*s[tag])) for s in of_method if tag in s]))
+        for label, steps, scores in references:
+            rows.append((label, [dict(zip(steps.astype(int).tolist(), scores.tolist()))]))
+        for label, seeds in rows:
+            if not seeds:
+                continue
+            cells = [cell([d[s] for d in seeds if s in d]) for s in at_steps]
+            done = [d for d in seeds if 0 in d and max(d) >= dip_until]
+            dips = [min(v for s, v in d.items() if 0 < s <= dip_until) - d[0] for d in done]
+            lines.append(f"| {env} | {label} | " + " | ".join([*cells, cell(dips)]) + " |")
+    return "\n".join(lines)
+
+
 def iqm(scores):
     """Interquartile mean of all runs and tasks together (rliable's aggregate_iqm): the mean of
     the middle 50% of the scores, the lowest and highest quarter trimmed."""
@@ -548,9 +622,10 @@ def env_order(env: str):
     return (env, 0, env)
 
 
-def plot_curves(runs, envs, methods, tag, ylabel, path):
+def plot_curves(runs, envs, methods, tag, ylabel, path, references=()):
     """One panel per dataset, one line per method: the mean over seeds, shaded +- one standard
-    deviation (the paper's Figure 3). Returns the numbers drawn."""
+    deviation (the paper's Figure 3); `references` (label, steps, scores) dashed, up to the
+    panel's last step. Returns the numbers drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -572,6 +647,10 @@ def plot_curves(runs, envs, methods, tag, ylabel, path):
                 "steps": steps.tolist(), "mean": mean.tolist(), "std": std.tolist(),
                 "n_seeds": len(values),
             }  # fmt: skip
+        last = max((max(c["steps"]) for c in drawn.get(env, {}).values()), default=0)
+        for j, (label, steps, scores) in enumerate(references):
+            keep = steps <= last
+            ax.plot(steps[keep], scores[keep], "--", label=label, color=f"C{len(methods) + j}")
         ax.set_title(env)
         ax.set_xlabel("online environment steps")
         ax.set_ylabel(ylabel)
@@ -676,6 +755,7 @@ def plot_all(args: Args) -> dict:
     Writes {out}/{grid}_curves, _aggregate (.png, .pdf), _table.md, and data.json (every
     number drawn)."""
     runs = read_runs(args.plot)
+    references = [read_reference(spec) for spec in args.reference]
     os.makedirs(args.out, exist_ok=True)
     found, data = {(env, exp) for env, exp, _ in runs}, {}
     for grid, grid_methods in GRIDS.items():
@@ -688,11 +768,15 @@ def plot_all(args: Args) -> dict:
         tag, labels = SCORE_TAG.get(grid, "eval/normalized_score"), dict(methods)
         ylabel = "success rate" if grid == "pixels" else "normalized score"
         path = os.path.join(args.out, grid)
-        curves = plot_curves(runs, envs, methods, tag, ylabel, f"{path}_curves")
+        curves = plot_curves(runs, envs, methods, tag, ylabel, f"{path}_curves", references)
         scores = {x: final_scores(runs, envs, x, tag) for x, _ in methods}
         table = markdown_table(scores, envs, methods)
         data[grid] = {"envs": envs, "curves": curves, "final_scores": scores, "table": table}
         text = f"Final {tag}: mean ± std over seeds (seeds)\n\n{table}\n"
+        if args.at_steps:
+            at = step_table(runs, envs, methods, tag, args.at_steps, args.dip_until, references)
+            data[grid]["at_steps"] = at
+            text += f"\n{tag} at these online steps, and the dip: mean ± std (seeds)\n\n{at}\n"
         matrices = {x: score_matrix(scores[x], envs) for x, _ in methods}
         if matrices := {x: m for x, m in matrices.items() if len(m)}:
             agg = aggregates(matrices, args.bootstrap_reps)
@@ -737,7 +821,11 @@ if __name__ == "__main__":
     if args.plot is not None:
         if not os.path.isdir(args.plot):
             raise SystemExit(f"error: --plot {args.plot}: no such folder (TensorBoard runs)")
-        if not plot_all(args):
+        try:
+            drawn = plot_all(args)
+        except ValueError as e:  # a bad --reference
+            raise SystemExit(f"error: {e}")
+        if not drawn:
             raise SystemExit(f"error: no run of any grid's methods under {args.plot}")
         raise SystemExit(0)
     notes = []

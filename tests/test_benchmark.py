@@ -260,3 +260,63 @@ def test_a_job_at_its_time_limit_is_requeued_as_itself():
     runner = bench.RunJob(job, "/tmp", "sweeps", threads=1)
     delayed = runner.checkpoint()  # what submitit calls on Slurm's time-limit signal
     assert delayed.function is runner and delayed.args == () and "--resume" in job.argv
+
+
+def test_a_given_checkpoint_replaces_the_pretraining_jobs(tmp_path):
+    checkpoint = tmp_path / "authors.pt"
+    checkpoint.write_bytes(b"")
+    args = bench.Args(grid="finetune", seeds=2, env_ids=(ENV,), checkpoint=str(checkpoint))
+    jobs = bench.make_jobs(args)
+    assert not [j for j in jobs if "--checkpoint-path" in j.argv]  # no pretraining
+    assert len(jobs) == 1 + 2 * 6  # the dataset, then 6 methods x 2 seeds
+    data = jobs[0]
+    for job in jobs[1:]:
+        assert job.deps == (data.name,)
+        pretrained = job.argv[0] == "off2on_finetune.py"
+        assert ("--checkpoint" in job.argv) == pretrained, job.argv  # not AWAC's own offline phase
+        if pretrained:
+            assert job.argv[job.argv.index("--checkpoint") + 1] == str(checkpoint)
+    without = bench.make_jobs(bench.Args(grid="finetune", seeds=2, env_ids=(ENV,)))
+    assert len([j for j in without if "--checkpoint-path" in j.argv]) == 2  # one per seed
+    with pytest.raises(ValueError, match="--checkpoint nope.pt does not exist"):
+        bench.make_jobs(bench.Args(grid="finetune", checkpoint="nope.pt"))
+
+
+def test_scores_at_steps_and_the_dip_by_hand():
+    tag = "eval/normalized_score"
+    steps = [0, 1000, 2000, 3000]
+    runs = {
+        ("e", "off2on_finetune", 1): {tag: (steps, [40.0, 35.0, 38.0, 30.0])},
+        ("e", "off2on_finetune", 2): {tag: (steps, [40.0, 41.0, 42.0, 45.0])},  # no drop: dip > 0
+        ("e", "off2on_finetune", 3): {tag: (steps[:2], [40.0, 20.0])},  # not past dip_until yet
+        ("e", "sac-ft", 1): {tag: (steps, [30.0, 10.0, 20.0, 25.0])},
+        ("other", "sac-ft", 1): {tag: (steps, [0.0, 0.0, 0.0, 0.0])},
+    }
+    reference = ("official", np.array([0.0, 1000.0, 2000.0]), np.array([38.0, 36.0, 39.0]))
+    methods = [("off2on_finetune", "Ours"), ("sac-ft", "SAC-ft")]
+    table = bench.step_table(runs, ["e"], methods, tag, (0, 1000, 3000), 2000, [reference])
+    lines = table.splitlines()
+    assert lines[0] == "| dataset | method | 0 | 1,000 | 3,000 | dip |"
+    # at 1000: 35, 41, 20 -> mean 32; dips (seeds 1, 2): 35 - 40, 41 - 40
+    std = np.std([35.0, 41.0, 20.0])
+    assert (
+        lines[2]
+        == f"| e | Ours | 40.0 ± 0.0 (3) | 32.0 ± {std:.1f} (3) | 37.5 ± 7.5 (2) | -2.0 ± 3.0 (2) |"
+    )
+    assert lines[3] == "| e | SAC-ft | 30.0 | 10.0 | 25.0 | -20.0 |"
+    assert lines[4] == "| e | official | 38.0 | 36.0 |  | -2.0 |"
+    assert len(lines) == 5
+
+
+def test_reference_files_are_read_or_refused(tmp_path):
+    good = tmp_path / "log.csv"
+    good.write_text("# a comment\nepoch,env_steps,normalized_score\n0,0,38.9\n1,1000,36.9\n")
+    label, steps, scores = bench.read_reference(f"official code={good}")
+    assert (
+        label == "official code" and steps.tolist() == [0, 1000] and scores.tolist() == [38.9, 36.9]
+    )
+    bad = tmp_path / "bad.csv"
+    bad.write_text("epoch,score\n0,1\n")
+    for spec, says in ((str(good), "expected LABEL=FILE.csv"), (f"x={bad}", "needs numbers")):
+        with pytest.raises(ValueError, match=says):
+            bench.read_reference(spec)
