@@ -448,7 +448,14 @@ def load_d4rl_hdf5(path: str) -> dict:
     if not os.path.isfile(path):
         raise DatasetError(f"--dataset-path {path} does not exist")
     keys = ("observations", "actions", "rewards", "terminals", "timeouts")
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DatasetError(
+            f"--dataset-path {path} is not an HDF5 file: a D4RL-format file is HDF5 with the "
+            f"arrays {', '.join(keys)} (and optionally next_observations)"
+        ) from None
+    with f:
         if missing := [k for k in keys if k not in f]:
             raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
         d = {k: f[k][()] for k in keys}
@@ -623,9 +630,12 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+    except Exception:  # torch's own text would suggest unsafe loading: never pass it on
+        raise CheckpointError(
+            f"{path} ({os.path.getsize(path):,} bytes) is not a readable checkpoint: it is damaged "
+            "(cut short by a crash or a full disk?) or was not written by these scripts; delete "
+            "it or pass another file"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
     return checkpoint
@@ -772,6 +782,9 @@ if __name__ == "__main__":
             state["run_name"],
         )
         restore_rng_state(state["rng"])
+        if start_epoch >= args.total_timesteps // args.epoch_length:  # leave its logs alone
+            print(f"{state_path} is complete ({start_epoch} epochs): nothing to resume")
+            raise SystemExit(0)
         print(f"Resuming {state_path} after {offline_step:,} offline steps, epoch {start_epoch}")
     elif args.offline_steps == 0:
         agent.load_state_dict(state)

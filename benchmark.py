@@ -19,11 +19,13 @@ stratified bootstrap intervals, performance profiles).
 Docs: docs/benchmark.md.
 """
 
+import difflib
 import fcntl
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -236,7 +238,16 @@ def make_jobs(args: Args, notes: list[str] | None = None) -> list[Job]:
     extra = all_extra = flag_groups(shlex.split(args.extra))
     pretrain_extra = shlex.split(args.pretrain_extra)
     flags_of = {s: script_flags(s) for s in {m.script for m in methods} | {"cql_pretrain.py"}}
-    for script in sorted({m.script for m in methods}):
+    scripts = sorted({m.script for m in methods})
+    everywhere = set().union(*(flags_of[s] for s in scripts))
+    if unknown := [g[0] for g in extra if g[0] not in everywhere | set(PRETRAIN_FLAGS)]:
+        close = difflib.get_close_matches(unknown[0], everywhere, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(
+            f"--extra {' '.join(unknown)}: no script of this sweep ({', '.join(scripts)}) has "
+            f"it{hint}; `python SCRIPT --help` lists their flags"
+        )
+    for script in scripts:
         if left := [g[0] for g in extra if g[0] not in flags_of[script]]:
             notes.append(f"{script} has no {' '.join(left)}")
     data_flags = {"--random-dataset-size", "--dataset-path"}
@@ -835,6 +846,14 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {e}")
     for note in notes:
         print(f"note: {note}: left out of its runs")
+    if args.backend == "slurm" and not shutil.which("sbatch"):
+        missing = (
+            "--backend slurm: no Slurm on this machine (`sbatch` is not on PATH); run from a "
+            "Slurm login node, or use --backend local or submitit-local here"
+        )
+        if not args.dry_run:
+            raise SystemExit(f"error: {missing}")
+        print(f"warning: {missing}")
     if args.dry_run:
         for job in jobs:
             after = f"  # after {', '.join(job.deps)}" if job.deps else ""

@@ -707,7 +707,14 @@ def load_d4rl_hdf5(path: str) -> dict:
     if not os.path.isfile(path):
         raise DatasetError(f"--dataset-path {path} does not exist")
     keys = ("observations", "actions", "rewards", "terminals", "timeouts")
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise DatasetError(
+            f"--dataset-path {path} is not an HDF5 file: a D4RL-format file is HDF5 with the "
+            f"arrays {', '.join(keys)} (and optionally next_observations)"
+        ) from None
+    with f:
         if missing := [k for k in keys if k not in f]:
             raise DatasetError(f"{path} is not a D4RL-format file: it lacks {missing}")
         d = {k: f[k][()] for k in keys}
@@ -882,9 +889,12 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+    except Exception:  # torch's own text would suggest unsafe loading: never pass it on
+        raise CheckpointError(
+            f"{path} ({os.path.getsize(path):,} bytes) is not a readable checkpoint: it is damaged "
+            "(cut short by a crash or a full disk?) or was not written by these scripts; delete "
+            "it or pass another file"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
     return checkpoint
@@ -1015,6 +1025,12 @@ if __name__ == "__main__":
                 f"{state_path} exists: pass --resume to continue that run, "
                 "or --exp-name to start another"
             )
+        # the data first, so that a bad --env-id or --dataset-path fails before any pretraining
+        # (a *-random-v2 dataset may not exist yet: pretraining makes it)
+        name = D4RL_NAME.match(args.env_id)
+        made_by_pretraining = name and name.group(2) == "random" and not args.dataset_path
+        dataset_args = (args.env_id, args.dataset_path, args.random_dataset_size)
+        data = None if made_by_pretraining else load_offline_data(*dataset_args)
         if not (resume or args.from_scratch):  # find the pretrained ensemble, or make it
             candidates = [default_checkpoint_path(args.env_id, n, seed) for n in (N, 5)]
             candidates = [args.checkpoint] if args.checkpoint else candidates
@@ -1029,7 +1045,8 @@ if __name__ == "__main__":
             if path is None:
                 path = candidates[0]
                 pretrain(args, path)
-        data = load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
+        if data is None:
+            data = load_offline_data(*dataset_args)
         obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
         if resume:
             state = load_checkpoint(state_path)
@@ -1041,11 +1058,10 @@ if __name__ == "__main__":
         else:
             pretrained = load_checkpoint(path)
             meta = pretrained["metadata"]
-            expected = {"obs_dim": obs_dim, "action_dim": action_dim}
-            if "imported_from" in meta:  # pretrained elsewhere, on data we can't name: check env
-                expected["env_id"] = data.env_spec.id
-            else:
-                expected["dataset_id"] = data.dataset_id
+            # agents pretrained elsewhere (imported), on data we can't name: check the env instead
+            imported = "imported_from" in meta
+            expected = {"env_id": data.env_spec.id} if imported else {"dataset_id": data.dataset_id}
+            expected |= {"obs_dim": obs_dim, "action_dim": action_dim}
             check_checkpoint_matches(meta, expected, path)
             if max(members) >= meta["ensemble_size"]:
                 raise CheckpointError(
@@ -1086,6 +1102,9 @@ if __name__ == "__main__":
         start_epoch, run_name = state["epoch"], state["run_name"]
         restore_rng_state(state["rng"])
         analysis_rng.bit_generator.state = json.loads(state["analysis_rng"])
+        if start_epoch >= args.total_timesteps // args.epoch_length:  # leave its logs alone
+            print(f"{state_path} is complete ({start_epoch} epochs): nothing to resume")
+            raise SystemExit(0)
         print(f"Resuming {state_path} after epoch {start_epoch}")
     elif pretrained is not None:
         agents.load_pretrained(pretrained, members)

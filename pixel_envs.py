@@ -35,10 +35,24 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import multiprocessing
 import time
 import warnings
+from dataclasses import dataclass
 
 import gymnasium as gym
 import mujoco
 import numpy as np
+
+
+@dataclass
+class Args:
+    """Run as a script: the tasks' pictures, an env step's speed, the scripted success rates."""
+
+    pictures_dir: str | None = None
+    """write each task's pictures to this folder (`docs` rewrites those of docs/pixels.md)"""
+    speed_steps: int = 2_000
+    """env steps timed, each rendering its 48x48 frame (0: skip)"""
+    success_episodes: int = 100
+    """scripted episodes per task for the success rates (0: skip)"""
+
 
 TASKS = {
     "pick-place": "Off2OnPickPlace-v0",
@@ -594,13 +608,16 @@ def generate_dataset(
 
 
 if __name__ == "__main__":
+    import tyro
     from PIL import Image
 
+    args = tyro.cli(Args)
     # PICTURES of each task for docs/pixels.md: the first frame at 256x256 and as the agent sees
     # it (48x48), and six frames of a scripted episode
-    docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
-    os.makedirs(docs, exist_ok=True)
-    for task in TASKS:
+    docs = args.pictures_dir
+    if docs:
+        os.makedirs(docs, exist_ok=True)
+    for task in TASKS if docs else ():
         env = PixelManipEnv(task)
         obs, _ = env.reset(seed=0)
         Image.fromarray(env.render_frame(VIDEO_SIZE)).save(os.path.join(docs, f"{task}_256.png"))
@@ -615,23 +632,24 @@ if __name__ == "__main__":
         strip = np.concatenate([frames[i][::2, ::2] for i in picks], axis=1)
         Image.fromarray(strip).save(os.path.join(docs, f"{task}_episode.png"))
         env.close()
-    print(f"frames written to {docs}/")
+        print(f"{task}: pictures written to {docs}/")
 
     # SPEED of an env step that renders its 48x48 frame
     env, rng = gym.make(TASKS["pick-place"]), np.random.default_rng(0)
     env.reset(seed=0)
     start = time.time()
-    for step in range(2_000):
+    for step in range(args.speed_steps):
         _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, size=4))
         if terminated or truncated:
             env.reset()
-    rate = 2_000 / (time.time() - start)
-    print(f"env steps/s with a 48x48 frame each step (random actions): {rate:,.0f}")
+    if args.speed_steps:
+        rate = args.speed_steps / (time.time() - start)
+        print(f"env steps/s with a 48x48 frame each step (random actions): {rate:,.0f}")
     env.close()
 
     # SCRIPTED SUCCESS at the default noise, on the state (no rendering needed)
-    n = 100
-    for task in TASKS:
+    n = args.success_episodes
+    for task in TASKS if n else ():
         env, policy = PixelManipEnv(task, obs_mode="state"), ScriptedPolicy(task, seed=0)
         successes = 0
         for episode in range(n):

@@ -814,9 +814,12 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+    except Exception:  # torch's own text would suggest unsafe loading: never pass it on
+        raise CheckpointError(
+            f"{path} ({os.path.getsize(path):,} bytes) is not a readable checkpoint: it is damaged "
+            "(cut short by a crash or a full disk?) or was not written by these scripts; delete "
+            "it or pass another file"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an off2on checkpoint of format {CHECKPOINT_FORMAT}")
     return checkpoint
@@ -1036,6 +1039,9 @@ if __name__ == "__main__":
         ratio_optimizer.load_state_dict(state["density_ratio_optimizer"])
         start_episode, run_name = state["episode"], state["run_name"]
         restore_rng_state(state["rng"])
+        if start_episode >= args.online_episodes:  # leave its logs alone
+            print(f"{state_path} is complete ({start_episode} episodes): nothing to resume")
+            raise SystemExit(0)
         print(f"Resuming {state_path} after episode {start_episode}")
     else:
         agents.load_pretrained(pretrained, members)

@@ -229,6 +229,7 @@ def e2e(tmp_path_factory):
         with ThreadPoolExecutor(max_workers=4) as pool:
             results.update(pool.map(one, jobs.items()))
 
+    (work / "notes.txt").write_text("not a D4RL file\n")
     script = os.path.join(ROOT, "cql_pretrain.py")
     dataset = [sys.executable, script, "--env-id", ENV, "--random-dataset-size", "2000"]
     run_phase(
@@ -238,6 +239,7 @@ def e2e(tmp_path_factory):
             "missing_dataset": awac("--exp-name missing", env_id="hopper-medium-v2"),
             "bad_number": awac("--exp-name bad --batch-size 0"),
             "bad_total": awac("--exp-name bad", total=300),
+            "not_hdf5": awac("--exp-name bad --dataset-path notes.txt"),
         }
     )
     run_phase(
@@ -260,6 +262,8 @@ def e2e(tmp_path_factory):
             "resume_changed": awac("--exp-name main --resume --beta 1"),
         }
     )
+    results["resume_events"] = sorted(glob.glob(str(work / "runs" / f"{ENV}__resume__1__*/*")))
+    run_phase({"resume_done": awac("--exp-name resume --resume", total=400)})
     return results
 
 
@@ -373,3 +377,14 @@ def test_a_non_finite_loss_stops_the_run_keeping_the_last_good_state():
         stop_if_not_finite({"qf_loss": float("nan"), "actor_loss": 0.0}, "in epoch 3", "s.pt")
     assert str(stop.value).startswith("error: non-finite loss in epoch 3")
     assert "s.pt" in str(stop.value) and "--resume" in str(stop.value)
+
+
+def test_a_finished_run_resumed_says_so_and_leaves_its_logs(e2e):
+    out = ok(e2e["resume_done"])
+    assert f"{state_path('resume')} is complete (2 epochs): nothing to resume" in out.stdout
+    after = sorted(glob.glob(str(e2e["work"] / "runs" / f"{ENV}__resume__1__*/*")))
+    assert after == e2e["resume_events"] and len(after) == 2  # no new event file
+
+
+def test_a_dataset_path_that_is_not_hdf5_is_one_error_line(e2e):
+    check_error(e2e["not_hdf5"], "--dataset-path notes.txt is not an HDF5 file", "observations")

@@ -418,6 +418,8 @@ def e2e(tmp_path_factory):
             "resume_changed": bcq("--resume --phi 0.1"),
         }
     )
+    results["resume_events"] = sorted(glob.glob(str(work / "runs" / f"{ENV}__resume__1__*/*")))
+    run_phase({"resume_done": bcq("--exp-name resume --resume")})
     return results
 
 
@@ -561,3 +563,11 @@ def test_bad_input_fails_in_one_line(e2e):
         e2e["missing_offline"], f"checkpoints/x__{ENV}__seed1__offline.pt", "--offline-steps N > 0"
     )
     assert not (e2e["work"] / f"checkpoints/x__{ENV}__seed1.pt").exists()
+
+
+def test_a_finished_run_resumed_says_so_and_leaves_its_logs(e2e):
+    out = ok(e2e["resume_done"])
+    state = f"checkpoints/resume__{ENV}__seed1.pt"
+    assert f"{state} is complete (2 epochs): nothing to resume" in out.stdout
+    after = sorted(glob.glob(str(e2e["work"] / "runs" / f"{ENV}__resume__1__*/*")))
+    assert after == e2e["resume_events"] and len(after) == 2  # no new event file

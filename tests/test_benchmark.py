@@ -320,3 +320,31 @@ def test_reference_files_are_read_or_refused(tmp_path):
     for spec, says in ((str(good), "expected LABEL=FILE.csv"), (f"x={bad}", "needs numbers")):
         with pytest.raises(ValueError, match=says):
             bench.read_reference(spec)
+
+
+def test_slurm_backend_without_slurm_says_what_works_here(tmp_path):
+    bare = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # no sbatch on this PATH
+    base = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--env-ids", ENV, "--seeds", "1"]
+    run = dict(cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)
+    real = subprocess.run([*base, "--backend", "slurm"], **run)
+    assert real.returncode != 0 and "Traceback" not in real.stderr, real.stderr
+    assert real.stderr.strip().splitlines() == [
+        "error: --backend slurm: no Slurm on this machine (`sbatch` is not on PATH); run from a "
+        "Slurm login node, or use --backend local or submitit-local here"
+    ]
+    assert not (tmp_path / "sweeps").exists()  # nothing launched
+    dry = subprocess.run([*base, "--backend", "slurm", "--dry-run"], **run)
+    assert dry.returncode == 0 and "warning: --backend slurm: no Slurm" in dry.stdout
+
+
+def test_an_extra_flag_no_script_has_is_an_error_before_anything_runs(tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--grid", "fig3", "--dry-run"]
+    out = subprocess.run(
+        [*command, "--extra", "--total-timestep 3000"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0 and "python " not in out.stdout  # no job printed
+    assert "--extra --total-timestep: no script of this sweep" in out.stderr
+    assert "did you mean --total-timesteps?" in out.stderr
+    some = bench.make_jobs(bench.Args(grid="fig3", seeds=1, extra="--first-epoch-multiplier 1"))
+    assert any("--first-epoch-multiplier" in j.argv for j in some)  # only some accept it: runs

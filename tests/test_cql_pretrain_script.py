@@ -168,3 +168,22 @@ def test_dataset_only_makes_the_dataset_and_nothing_else(tmp_path):
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "runs").exists()
     again = run(tmp_path, "--dataset-only", minari_dir=tmp_path / "m")  # made once
     assert again.returncode == 0 and "Generating" not in again.stdout
+
+
+def test_a_finished_run_resumed_says_so_and_leaves_its_logs(workdir):
+    out = run(workdir, "--total-steps", "10", "--checkpoint-path", "done.pt", "--exp-name", "done")
+    assert out.returncode == 0, out.stderr
+    before = sorted(workdir.glob("runs/*__done__*/*"))
+    again = run(workdir, "--total-steps", "10", "--checkpoint-path", "done.pt", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "done.pt is complete (10 steps): nothing to resume" in again.stdout
+    assert sorted(workdir.glob("runs/*__done__*/*")) == before and len(before) == 1
+
+
+def test_a_dataset_path_that_is_not_hdf5_is_one_error_line(workdir):
+    (workdir / "notes.txt").write_text("not a D4RL file\n")
+    out = run(workdir, "--dataset-path", "notes.txt", "--checkpoint-path", "never.pt")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: --dataset-path notes.txt is not an HDF5 file")
+    assert "observations, actions, rewards, terminals, timeouts" in lines[0]

@@ -587,6 +587,8 @@ def e2e(tmp_path_factory):
         with ThreadPoolExecutor(max_workers=4) as pool:
             results.update(pool.map(one, jobs.items()))
 
+    (work / "notes.txt").write_text("not a D4RL file\n")
+    (work / "corrupt.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip cut short
     # phase 0: cql_pretrain.py checkpoints (each makes its env's dataset, once), and the errors
     # that need no data
     run_phase(
@@ -597,6 +599,10 @@ def e2e(tmp_path_factory):
             "missing_dataset": finetune("--exp-name missing", "hopper-medium-v2"),
             "missing_random": finetune("--exp-name missing --from-scratch", "walker2d-random-v2"),
             "bad_total": finetune("--exp-name bad_total", total=300),
+            "bad_env": finetune("--exp-name bad_env", "nosuchenv-random-v2"),
+            "no_such_path": finetune("--exp-name no_path --dataset-path nothere.hdf5"),
+            "not_hdf5": finetune("--exp-name not_hdf5 --dataset-path notes.txt"),
+            "corrupt_ckpt": finetune("--exp-name corrupt --checkpoint corrupt.pt"),
         }
     )
     # phase 1: fine-tuning runs (inline pretraining when no checkpoint is given or found)
@@ -631,6 +637,8 @@ def e2e(tmp_path_factory):
             "from_as_inline": finetune("--exp-name from_as_inline --checkpoint as_inline.pt"),
         }
     )
+    results["resume_events"] = sorted(glob.glob(str(work / "runs" / f"{ENV}__resume__1__*/*")))
+    run_phase({"resume_done": finetune("--exp-name resume --checkpoint pre.pt --resume")})
     return results
 
 
@@ -952,3 +960,28 @@ def test_contradictory_flags_are_refused_early(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         validate_args(args)
     validate_args(Args())  # the defaults are valid
+
+
+def test_a_finished_run_resumed_says_so_and_leaves_its_logs(e2e):
+    out = ok(e2e["resume_done"])
+    assert f"{state_path('resume')} is complete (2 epochs): nothing to resume" in out.stdout
+    after = sorted(glob.glob(str(e2e["work"] / "runs" / f"{ENV}__resume__1__*/*")))
+    assert after == e2e["resume_events"] and len(after) == 2  # no new event file
+
+
+@pytest.mark.parametrize(
+    "run, needles",
+    [
+        ("bad_env", ("unknown --env-id 'nosuchenv-random-v2'",)),
+        ("no_such_path", ("--dataset-path nothere.hdf5 does not exist",)),
+        ("not_hdf5", ("--dataset-path notes.txt is not an HDF5 file", "observations")),
+    ],
+)
+def test_bad_data_fails_before_any_pretraining(e2e, run, needles):
+    check_error(e2e[run], *needles)
+    assert "No pretrained ensemble" not in e2e[run].stdout  # no cql_pretrain.py child started
+
+
+def test_a_corrupt_checkpoint_is_named_without_torchs_advice(e2e):
+    check_error(e2e["corrupt_ckpt"], "corrupt.pt (1,028 bytes) is not a readable checkpoint")
+    assert "weights_only" not in e2e["corrupt_ckpt"].stderr

@@ -2,6 +2,8 @@
 
 import importlib
 import os
+import subprocess
+import sys
 import warnings
 
 import gymnasium as gym
@@ -10,8 +12,15 @@ import mujoco
 import numpy as np
 import pytest
 
-import pixel_envs
-from pixel_envs import EPISODE_LENGTH, TASKS, PixelManipEnv, ScriptedPolicy, generate_dataset
+from conftest import require_rendering
+
+require_rendering()  # one line saying why, before pixel_envs imports MuJoCo
+pytestmark = pytest.mark.pixels
+
+import pixel_envs  # noqa: E402
+from pixel_envs import EPISODE_LENGTH, TASKS, PixelManipEnv, ScriptedPolicy, generate_dataset  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def set_box(env, pos):
@@ -256,3 +265,35 @@ def test_generate_dataset_is_the_same_with_workers(monkeypatch):
     for a, b in zip(one.iterate_episodes(), two.iterate_episodes()):
         np.testing.assert_array_equal(a.observations, b.observations)
         np.testing.assert_array_equal(a.actions, b.actions)
+
+
+def test_help_prints_the_options_and_writes_nothing(tmp_path):
+    docs = os.path.join(ROOT, "docs")
+    pictures = {f: os.stat(os.path.join(docs, f)).st_mtime_ns for f in os.listdir(docs)}
+    script = os.path.join(ROOT, "pixel_envs.py")
+    run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    helped = subprocess.run([sys.executable, script, "--help"], **run)
+    assert helped.returncode == 0 and "--pictures-dir" in helped.stdout
+    quiet = subprocess.run(
+        [sys.executable, script, "--speed-steps", "0", "--success-episodes", "0"], **run
+    )
+    assert quiet.returncode == 0, quiet.stderr
+    assert {f: os.stat(os.path.join(docs, f)).st_mtime_ns for f in os.listdir(docs)} == pictures
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written where it ran
+    asked = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--pictures-dir",
+            "pics",
+            "--speed-steps",
+            "0",
+            "--success-episodes",
+            "0",
+        ],
+        **run,
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == sorted(
+        f"{task}_{kind}.png" for task in TASKS for kind in ("256", "48", "episode")
+    )

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import pixel_off2on as px
-from conftest import member_mlp
+from conftest import member_mlp, require_rendering
+
+require_rendering()  # one line saying why, before pixel_off2on imports MuJoCo
+pytestmark = pytest.mark.pixels
+
+import pixel_off2on as px  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

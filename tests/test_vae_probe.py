@@ -378,3 +378,13 @@ def test_missing_random_dataset_fails_naming_the_command_that_makes_it(e2e):
     ok(e2e["pretrain"])
     command = f"python cql_pretrain.py --env-id {ENV} --random-dataset-size 20000 --dataset-only"
     check_error(e2e["no_dataset"], "off2on/halfcheetah/random-n20000-v0", command)
+
+
+def test_a_bad_env_id_is_named_not_passed_on_in_the_suggested_command(tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "m"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        script("vae_shift_probe.py", "--env-id", "nosuchenv-random-v2"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    check_error(run, "unknown --env-id 'nosuchenv-random-v2'")
+    assert "cql_pretrain.py --env-id nosuchenv" not in run.stderr
