@@ -27,6 +27,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain off2on_finetune fqe_baseline pixel_off2on bcq_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune pixel_off2on bcq_finetune]: check_same_settings
+    online env [off2on_finetune bcq_finetune]: env_snapshot restore_env
     non-finite [bcq_finetune]: stop_if_not_finite
 """
 
@@ -662,6 +663,36 @@ def restore_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def env_snapshot(env, obs, episode_return: float) -> dict:
+    """What the online episode needs to go on exactly after --resume: the env's RNG, MuJoCo's
+    whole integration state (the solver's warm start included), the time-limit counter, the
+    current observation and the episode's return so far."""
+    import mujoco
+
+    sim, kind = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    physics = np.empty(mujoco.mj_stateSize(sim.model, kind))
+    mujoco.mj_getState(sim.model, sim.data, physics, kind)
+    return {
+        "rng": json.dumps(sim.np_random.bit_generator.state),
+        "physics": torch.as_tensor(physics),
+        "elapsed_steps": env.get_wrapper_attr("_elapsed_steps"),
+        "obs": torch.as_tensor(obs),
+        "episode_return": float(episode_return),
+    }
+
+
+def restore_env(env, snapshot: dict):
+    """The inverse of env_snapshot on a new env: returns (obs, episode_return)."""
+    import mujoco
+
+    env.reset()  # the wrappers' own bookkeeping; everything it drew is overwritten below
+    sim, kind = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    sim.np_random.bit_generator.state = json.loads(snapshot["rng"])
+    mujoco.mj_setState(sim.model, sim.data, snapshot["physics"].numpy(), kind)
+    env.set_wrapper_attr("_elapsed_steps", snapshot["elapsed_steps"])
+    return snapshot["obs"].numpy(), snapshot["episode_return"]
+
+
 def check_same_settings(saved: dict, current: dict, path: str, ignore=()):
     """Resuming under other algorithm settings would silently mix two runs: fail, naming them."""
     differing = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
@@ -800,9 +831,11 @@ if __name__ == "__main__":
         f"normalized score uses {data.ref_source}; logs in runs/{run_name}"
     )
 
-    def save_state(epoch: int):
+    def save_state(epoch: int, online_env: dict | None = None):
         state = {"offline_step": offline_step, "epoch": epoch, "run_name": run_name}
         state.update(replay=replay.state_dict(), rng=rng_state())
+        if online_env is not None:
+            state["env"] = online_env
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
         save_checkpoint(state_path, {**checkpoint, **agent.state_dict(), **state})
 
@@ -857,8 +890,11 @@ if __name__ == "__main__":
 
     if start_epoch == 0:
         log_evaluation(0)  # the agent after the offline phase, before any online step
-    obs, _ = env.reset(seed=seed + start_epoch)
-    episode_return, n_epochs = 0.0, args.total_timesteps // args.epoch_length
+    if resume and "env" in state:  # the saved run's episode, exactly where it was
+        obs, episode_return = restore_env(env, state["env"])
+    else:
+        obs, episode_return = env.reset(seed=seed + start_epoch)[0], 0.0
+    n_epochs = args.total_timesteps // args.epoch_length
     low, high = env.action_space.low, env.action_space.high
     for epoch in range(start_epoch + 1, n_epochs + 1):
         # COLLECT an epoch with the stochastic policy; the replay keeps its unclipped actions
@@ -906,6 +942,6 @@ if __name__ == "__main__":
         if epoch % args.eval_every == 0 or epoch == n_epochs:
             log_evaluation(step)
         if epoch % args.save_every == 0 or epoch == n_epochs:
-            save_state(epoch)
+            save_state(epoch, env_snapshot(env, obs, episode_return))
     writer.close()
     print(f"Wrote {state_path}")

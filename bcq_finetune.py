@@ -28,6 +28,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain off2on_finetune fqe_baseline pixel_off2on awac_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune pixel_off2on awac_finetune]: check_same_settings
+    online env [off2on_finetune awac_finetune]: env_snapshot restore_env
     non-finite [awac_finetune]: stop_if_not_finite
     mlp [vae_shift_probe]: mlp
 """
@@ -688,6 +689,36 @@ def restore_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def env_snapshot(env, obs, episode_return: float) -> dict:
+    """What the online episode needs to go on exactly after --resume: the env's RNG, MuJoCo's
+    whole integration state (the solver's warm start included), the time-limit counter, the
+    current observation and the episode's return so far."""
+    import mujoco
+
+    sim, kind = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    physics = np.empty(mujoco.mj_stateSize(sim.model, kind))
+    mujoco.mj_getState(sim.model, sim.data, physics, kind)
+    return {
+        "rng": json.dumps(sim.np_random.bit_generator.state),
+        "physics": torch.as_tensor(physics),
+        "elapsed_steps": env.get_wrapper_attr("_elapsed_steps"),
+        "obs": torch.as_tensor(obs),
+        "episode_return": float(episode_return),
+    }
+
+
+def restore_env(env, snapshot: dict):
+    """The inverse of env_snapshot on a new env: returns (obs, episode_return)."""
+    import mujoco
+
+    env.reset()  # the wrappers' own bookkeeping; everything it drew is overwritten below
+    sim, kind = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    sim.np_random.bit_generator.state = json.loads(snapshot["rng"])
+    mujoco.mj_setState(sim.model, sim.data, snapshot["physics"].numpy(), kind)
+    env.set_wrapper_attr("_elapsed_steps", snapshot["elapsed_steps"])
+    return snapshot["obs"].numpy(), snapshot["episode_return"]
+
+
 def check_same_settings(saved: dict, current: dict, path: str, ignore=()):
     """Resuming under other algorithm settings would silently mix two runs: fail, naming them."""
     differing = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
@@ -856,9 +887,11 @@ if __name__ == "__main__":
             writer.add_scalar(f"{prefix}eval/minari_normalized_score", minari_score, step)
         print(line, flush=True)
 
-    def save_state(offline_step: int, epoch: int):
+    def save_state(offline_step: int, epoch: int, online_env: dict | None = None):
         state = {"offline_step": offline_step, "epoch": epoch, "run_name": run_name}
         state |= {"replay": replay.state_dict(), "rng": rng_state()}
+        if online_env is not None:
+            state["env"] = online_env
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
         save_checkpoint(state_path, {**checkpoint, **agent.state_dict(), **state})
 
@@ -907,8 +940,11 @@ if __name__ == "__main__":
         torch.manual_seed(seed)
         replay.rng = np.random.default_rng(seed)
         log_evaluation(0)
-    obs, _ = env.reset(seed=seed + start_epoch)
-    episode_return, n_epochs = 0.0, args.total_timesteps // args.epoch_length
+    if resume and "env" in state:  # the saved run's episode, exactly where it was
+        obs, episode_return = restore_env(env, state["env"])
+    else:
+        obs, episode_return = env.reset(seed=seed + start_epoch)[0], 0.0
+    n_epochs = args.total_timesteps // args.epoch_length
     for epoch in range(start_epoch + 1, n_epochs + 1):
         # COLLECT an epoch with BCQ's own policy, no other exploration noise
         epoch_start, step = time.time(), (epoch - 1) * args.epoch_length
@@ -947,6 +983,6 @@ if __name__ == "__main__":
         if epoch % args.eval_every == 0 or epoch == n_epochs:
             log_evaluation(step)
         if epoch % args.save_every == 0 or epoch == n_epochs:
-            save_state(args.offline_steps, epoch)
+            save_state(args.offline_steps, epoch, env_snapshot(env, obs, episode_return))
     writer.close()
     print(f"Wrote {state_path}")

@@ -38,6 +38,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain fqe_baseline pixel_off2on awac_finetune bcq_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain pixel_off2on awac_finetune bcq_finetune]: check_same_settings
+    online env [awac_finetune bcq_finetune]: env_snapshot restore_env
     checkpoint path [cql_pretrain vae_shift_probe]: default_checkpoint_path
     members [pixel_off2on]: parse_members
 """
@@ -921,6 +922,36 @@ def restore_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def env_snapshot(env, obs, episode_return: float) -> dict:
+    """What the online episode needs to go on exactly after --resume: the env's RNG, MuJoCo's
+    whole integration state (the solver's warm start included), the time-limit counter, the
+    current observation and the episode's return so far."""
+    import mujoco
+
+    sim, kind = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    physics = np.empty(mujoco.mj_stateSize(sim.model, kind))
+    mujoco.mj_getState(sim.model, sim.data, physics, kind)
+    return {
+        "rng": json.dumps(sim.np_random.bit_generator.state),
+        "physics": torch.as_tensor(physics),
+        "elapsed_steps": env.get_wrapper_attr("_elapsed_steps"),
+        "obs": torch.as_tensor(obs),
+        "episode_return": float(episode_return),
+    }
+
+
+def restore_env(env, snapshot: dict):
+    """The inverse of env_snapshot on a new env: returns (obs, episode_return)."""
+    import mujoco
+
+    env.reset()  # the wrappers' own bookkeeping; everything it drew is overwritten below
+    sim, kind = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    sim.np_random.bit_generator.state = json.loads(snapshot["rng"])
+    mujoco.mj_setState(sim.model, sim.data, snapshot["physics"].numpy(), kind)
+    env.set_wrapper_attr("_elapsed_steps", snapshot["elapsed_steps"])
+    return snapshot["obs"].numpy(), snapshot["episode_return"]
+
+
 def check_same_settings(saved: dict, current: dict, path: str, ignore=()):
     """Resuming under other algorithm settings would silently mix two runs: fail, naming them."""
     differing = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
@@ -1138,8 +1169,11 @@ if __name__ == "__main__":
 
     if start_epoch == 0:
         log_evaluation(0)  # the offline ensemble, before any online step
-    obs, _ = env.reset(seed=seed + start_epoch)
-    episode_return, n_epochs = 0.0, args.total_timesteps // args.epoch_length
+    if resume and "env" in state:  # the saved run's episode, exactly where it was
+        obs, episode_return = restore_env(env, state["env"])
+    else:
+        obs, episode_return = env.reset(seed=seed + start_epoch)[0], 0.0
+    n_epochs = args.total_timesteps // args.epoch_length
     for epoch in range(start_epoch + 1, n_epochs + 1):
         # COLLECT an epoch of online transitions with the merged policy
         epoch_start, step = time.time(), (epoch - 1) * args.epoch_length
@@ -1222,6 +1256,7 @@ if __name__ == "__main__":
             state["density_ratio"] = density_ratio.state_dict()
             state["density_ratio_optimizer"] = ratio_optimizer.state_dict()
             state["rng"] = rng_state()
+            state["env"] = env_snapshot(env, obs, episode_return)
             state["analysis_rng"] = json.dumps(analysis_rng.bit_generator.state)
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
             save_checkpoint(state_path, {**checkpoint, **agents.state_dict(), **state})

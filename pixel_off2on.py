@@ -892,6 +892,8 @@ def pretrain_cql(args: Args, data: FrameData, path: str, device):
     `path`.partial every 1,000 steps, and a rerun continues from it; at the end it becomes
     `path`."""
     N, action_dim = args.ensemble_size, data.actions.shape[1]
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
     agents = CQLEnsemble(
         action_dim, args.hidden_sizes, N, args.cql_alpha, args.cql_n_actions, args.gamma, args.tau,
         args.policy_lr, args.q_lr, args.alpha_lr, device,
@@ -984,8 +986,6 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.manual_seed(seed)
-    np.random.seed(seed)
     action_dim, episode_length = data.actions.shape[1], pixel_envs.EPISODE_LENGTH[args.task]
     metadata = run_metadata(args, data, critic_source="off2on")
     resume = args.resume and os.path.exists(state_path)
@@ -1020,7 +1020,8 @@ if __name__ == "__main__":
             print(f"Fine-tuning members {members} of {path}")
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
-
+    torch.manual_seed(seed)  # the same fine-tuning whether the offline phase ran here or not
+    np.random.seed(seed)
     agents = Off2OnEnsemble(
         action_dim, args.hidden_sizes, N, args.gamma, args.tau, args.policy_lr, args.q_lr,
         args.alpha_lr, args.finetune_loss, args.cql_alpha, args.cql_n_actions, device,

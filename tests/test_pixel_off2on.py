@@ -223,6 +223,26 @@ def test_end_to_end_pretrains_finetunes_logs_and_resumes(work):
     assert other.returncode == 1 and "temperature" in other.stderr
 
 
+def test_a_resumed_run_is_the_run_left_alone(work):
+    """After the test above: 2 episodes, then resumed to 3, against 3 episodes in one go. Each
+    episode starts from env.reset(seed + episode) and the state is saved between episodes, so
+    nothing of a running episode needs saving."""
+    alone = run(work.path, "--online-episodes", "3", "--exp-name", "alone")
+    assert alone.returncode == 0, alone.stderr
+    states = [
+        torch.load(work.path / f"checkpoints/{name}__pick-place__n2__seed1.pt", weights_only=True)
+        for name in ("pixel_off2on", "alone")
+    ]
+    assert states[0]["episode"] == states[1]["episode"] == 3
+    for part in ("actor", "qf", "qf_target", "density_ratio"):
+        for key, value in states[0][part].items():
+            assert torch.equal(value, states[1][part][key]), (part, key)
+    for key, value in states[0]["replay"].items():
+        other = states[1]["replay"][key]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
+
+
 def test_online_only_cql_loss_from_the_saved_checkpoint(work):
     flags = "--online-episodes 1 --replay online-only --finetune-loss cql --exp-name cql-online"
     out = run(work.path, *flags.split())
