@@ -29,6 +29,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     resuming [cql_pretrain off2on_finetune pixel_off2on bcq_finetune]: check_same_settings
     online env [off2on_finetune bcq_finetune]: env_snapshot restore_env
     non-finite [bcq_finetune]: stop_if_not_finite
+    progress [cql_pretrain off2on_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
+        rate_text Progress
 """
 
 import json
@@ -611,6 +613,38 @@ def normalized_score(returns, ref_returns):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, arguments
 # ---------------------------------------------------------------------------------------------
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -841,6 +875,7 @@ if __name__ == "__main__":
 
     # OFFLINE PHASE: the same update on the dataset alone (the trainer's pretrain_q_with_bc_data)
     start_time, last_step = time.time(), offline_step
+    progress = Progress("offline step", args.offline_steps, offline_step)
     while offline_step < args.offline_steps:
         logs = agent.update(replay.sample(args.offline_batch_size))
         offline_step += 1
@@ -853,7 +888,7 @@ if __name__ == "__main__":
             logs = {k: v.item() for k, v in logs.items()}
             stop_if_not_finite(logs, f"at offline step {offline_step}", state_path)
         if offline_step % args.log_every == 0 or last:
-            sps = int((offline_step - last_step) / (time.time() - start_time))
+            sps = (offline_step - last_step) / (time.time() - start_time)
             start_time, last_step = time.time(), offline_step
             for k, v in logs.items():
                 writer.add_scalar(f"offline/losses/{k}", v, offline_step)
@@ -862,7 +897,7 @@ if __name__ == "__main__":
                 f"offline step {offline_step:,}/{args.offline_steps:,} | qf {logs['qf_loss']:.3f}"
                 f" | actor {logs['actor_loss']:.3f} | Q {logs['q_data']:.2f} | "
                 f"advantage {logs['advantage']:.3f} | max weight {logs['weight_max']:.1f} | "
-                f"{sps} SPS",
+                f"{rate_text(sps)} SPS",
                 flush=True,
             )
         if offline_step % args.save_every_offline == 0 or last:
@@ -871,6 +906,7 @@ if __name__ == "__main__":
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
             save_checkpoint(offline_path, {**checkpoint, **agent.state_dict()})
             print(f"Wrote {offline_path}")
+        progress(offline_step, printed=offline_step % args.log_every == 0 or last)
 
     eval_envs = [make_env(data.env_spec) for _ in range(args.eval_episodes)]
     env = make_env(data.env_spec)
@@ -917,18 +953,19 @@ if __name__ == "__main__":
 
         # TRAIN: as many gradient steps as new transitions, once min_steps_before_training are in
         n_updates = args.epoch_length if step > args.min_steps_before_training else 0
-        sums = {}
-        for _ in range(n_updates):
+        sums, progress = {}, Progress(f"epoch {epoch}: update", n_updates)
+        for update in range(1, n_updates + 1):
             logs = agent.update(replay.sample(args.batch_size))
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v
+            progress(update)
 
         # LOG the epoch's means; a non-finite loss stops the run before it reaches a checkpoint
         means = {k: (v / n_updates).item() for k, v in sums.items()}
         stop_if_not_finite(means, f"in epoch {epoch}", state_path)
         for k, v in means.items():
             writer.add_scalar(f"losses/{k}", v, step)
-        sps = int(args.epoch_length / (time.time() - epoch_start))
+        sps = args.epoch_length / (time.time() - epoch_start)
         writer.add_scalar("charts/SPS", sps, step)
         line = f"epoch {epoch}/{n_epochs} | "
         if means:
@@ -936,7 +973,7 @@ if __name__ == "__main__":
             line += f"advantage {means['advantage']:.3f} | std {means['policy_std']:.3f} | "
         else:
             line += f"collecting ({step:,}/{args.min_steps_before_training:,} before training) | "
-        print(f"{line}{sps} SPS", flush=True)
+        print(f"{line}{rate_text(sps)} SPS", flush=True)
 
         # EVALUATE the deterministic policy, SAVE the whole state
         if epoch % args.eval_every == 0 or epoch == n_epochs:

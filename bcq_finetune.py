@@ -31,6 +31,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     online env [off2on_finetune awac_finetune]: env_snapshot restore_env
     non-finite [awac_finetune]: stop_if_not_finite
     mlp [vae_shift_probe]: mlp
+    progress [cql_pretrain off2on_finetune awac_finetune pixel_off2on fqe_baseline vae_shift_probe]:
+        rate_text Progress
 """
 
 import copy
@@ -637,6 +639,38 @@ def normalized_score(returns, ref_returns):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and arguments
 # ---------------------------------------------------------------------------------------------
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -898,6 +932,7 @@ if __name__ == "__main__":
     # Offline phase: BCQ on the dataset (the buffer holds no online transition yet); x axis of its
     # logs, under offline/: gradient steps
     sums, window_start, window_first = {}, time.time(), offline_step
+    progress = Progress("offline step", args.offline_steps, offline_step)
     for step in range(offline_step + 1, args.offline_steps + 1):
         # TRAIN one BCQ iteration on a uniform batch of the data
         for k, v in agent.update(replay.sample(args.batch_size)).items():
@@ -909,14 +944,14 @@ if __name__ == "__main__":
             means = {k: (v / (step - window_first)).item() for k, v in sums.items()}
             stop_if_not_finite(means, f"at offline step {step}", state_path)
         if step % args.log_every == 0 or last:
-            sps = int((step - window_first) / (time.time() - window_start))
+            sps = (step - window_first) / (time.time() - window_start)
             for k, v in means.items():
                 writer.add_scalar(f"offline/losses/{k}", v, step)
             writer.add_scalar("offline/charts/SPS", sps, step)
             print(
                 f"offline step {step:,}/{args.offline_steps:,} | vae {means['vae_loss']:.4f} | "
                 f"qf {means['qf_loss']:.3f} | actor {means['actor_loss']:.3f} | "
-                f"Q {means['q_data']:.2f} | {sps} SPS",
+                f"Q {means['q_data']:.2f} | {rate_text(sps)} SPS",
                 flush=True,
             )
             sums, window_start, window_first = {}, time.time(), step
@@ -928,6 +963,7 @@ if __name__ == "__main__":
             window_start += time.time() - eval_start
         if step % args.save_every_offline == 0 or last:
             save_state(step, 0)
+        progress(step, printed=step % args.log_every == 0 or last)
     if start_epoch == 0 and args.offline_steps > 0:  # the offline phase ended: keep its agent
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
         save_checkpoint(offline_path, {**checkpoint, **agent.state_dict()})
@@ -961,21 +997,22 @@ if __name__ == "__main__":
                 obs, episode_return = env.reset()[0], 0.0
 
         # TRAIN: as many BCQ iterations as new transitions, on uniform batches of data and online
-        sums = {}
-        for _ in range(args.epoch_length):
+        sums, progress = {}, Progress(f"epoch {epoch}: update", args.epoch_length)
+        for update in range(1, args.epoch_length + 1):
             for k, v in agent.update(replay.sample(args.batch_size)).items():
                 sums[k] = sums.get(k, 0) + v
+            progress(update)
 
         # LOG the epoch's means; a non-finite loss stops the run before it reaches a checkpoint
         means = {k: (v / args.epoch_length).item() for k, v in sums.items()}
         stop_if_not_finite(means, f"in epoch {epoch}", state_path)
         for k, v in means.items():
             writer.add_scalar(f"losses/{k}", v, step)
-        sps = int(args.epoch_length / (time.time() - epoch_start))
+        sps = args.epoch_length / (time.time() - epoch_start)
         writer.add_scalar("charts/SPS", sps, step)
         print(
             f"epoch {epoch}/{n_epochs} | vae {means['vae_loss']:.4f} | qf {means['qf_loss']:.3f} | "
-            f"actor {means['actor_loss']:.3f} | Q {means['q_data']:.2f} | {sps} SPS",
+            f"actor {means['actor_loss']:.3f} | Q {means['q_data']:.2f} | {rate_text(sps)} SPS",
             flush=True,
         )
 

@@ -32,6 +32,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
         rng_state restore_rng_state
     resuming [off2on_finetune pixel_off2on awac_finetune bcq_finetune]: check_same_settings
     checkpoint path [off2on_finetune vae_shift_probe]: default_checkpoint_path
+    progress [off2on_finetune awac_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
+        rate_text Progress
 """
 
 import math
@@ -781,6 +783,38 @@ def evaluate(actor: Actor, envs: list, seed: int, device) -> tuple[np.ndarray, n
     return returns[:-1], returns[-1]
 
 
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -1058,6 +1092,7 @@ if __name__ == "__main__":
     eval_envs = [make_env(data.env_spec) for _ in range((N + 1) * args.eval_episodes)]
 
     start_time, last_step = time.time(), start_step
+    progress = Progress("CQL step", args.total_steps, start_step)
     for step in range(start_step + 1, args.total_steps + 1):
         # ALGO LOGIC: each agent its own minibatch, one gradient step of all N
         idx = torch.randint(len(data), (N, args.batch_size), device=device)
@@ -1074,7 +1109,7 @@ if __name__ == "__main__":
                     "--cql-alpha, and --resume from it"
                 )
         if step % args.log_every == 0 or last:
-            sps = int((step - last_step) / (time.time() - start_time))
+            sps = (step - last_step) / (time.time() - start_time)
             start_time, last_step = time.time(), step
             for k, v in logs.items():
                 writer.add_scalar(f"losses/{k}", v, step)
@@ -1082,7 +1117,7 @@ if __name__ == "__main__":
             print(
                 f"step {step:,}/{args.total_steps:,} | qf {logs['qf_loss']:.3f} | "
                 f"cql {logs['cql_loss']:.3f} | actor {logs['actor_loss']:.3f} | "
-                f"alpha {logs['alpha']:.4f} | Q {logs['q_data']:.2f} | {sps} SPS",
+                f"alpha {logs['alpha']:.4f} | Q {logs['q_data']:.2f} | {rate_text(sps)} SPS",
                 flush=True,
             )
 
@@ -1115,5 +1150,6 @@ if __name__ == "__main__":
             state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
             save_checkpoint(checkpoint_path, {**checkpoint, **agents.state_dict(), **state})
+        progress(step, printed=step % args.log_every == 0 or last)
     writer.close()
     print(f"Wrote {checkpoint_path}")

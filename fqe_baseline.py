@@ -34,6 +34,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
         bcq_finetune]: CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
     saving [cql_pretrain off2on_finetune pixel_off2on awac_finetune bcq_finetune]: save_checkpoint
         rng_state restore_rng_state
+    progress [cql_pretrain off2on_finetune awac_finetune bcq_finetune pixel_off2on vae_shift_probe]:
+        rate_text Progress
 """
 
 import math
@@ -539,6 +541,38 @@ def normalized_score(returns, ref_returns):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and arguments
 # ---------------------------------------------------------------------------------------------
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -692,6 +726,7 @@ if __name__ == "__main__":
         save_checkpoint(path, {**checkpoint, **state})
 
     start_time, last_step = time.time(), start_step
+    progress = Progress("FQE step", args.total_steps, start_step)
     for step in range(start_step + 1, args.total_steps + 1):
         # ALGO LOGIC: each member its own minibatch, one FQE step of all N
         idx = torch.randint(len(data), (N, args.batch_size), device=device)
@@ -709,7 +744,7 @@ if __name__ == "__main__":
                 )
             fqe_data, fqe_random = q_data_and_random(fqe.qf, batch[0], batch[1])
             cql_data, cql_random = q_data_and_random(cql_qf, batch[0], batch[1])
-            sps = int((step - last_step) / (time.time() - start_time))
+            sps = (step - last_step) / (time.time() - start_time)
             start_time, last_step = time.time(), step
             writer.add_scalar("losses/fqe_loss", logs["fqe_loss"], step)
             writer.add_scalar("charts/fqe_q_data", fqe_data, step)
@@ -720,7 +755,7 @@ if __name__ == "__main__":
             print(
                 f"step {step:,}/{args.total_steps:,} | fqe loss {logs['fqe_loss']:.4f} | "
                 f"Q data/random: FQE {fqe_data:.2f}/{fqe_random:.2f}, "
-                f"CQL {cql_data:.2f}/{cql_random:.2f} | {sps} SPS",
+                f"CQL {cql_data:.2f}/{cql_random:.2f} | {rate_text(sps)} SPS",
                 flush=True,
             )
 
@@ -748,6 +783,7 @@ if __name__ == "__main__":
         # SAVE the unfinished run; a rerun continues it
         if step % args.save_every == 0 and not last:
             save(partial_path, step)
+        progress(step, printed=step % args.log_every == 0 or last)
     save(output_path, args.total_steps)
     if os.path.exists(partial_path):
         os.remove(partial_path)

@@ -41,6 +41,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     online env [awac_finetune bcq_finetune]: env_snapshot restore_env
     checkpoint path [cql_pretrain vae_shift_probe]: default_checkpoint_path
     members [pixel_off2on]: parse_members
+    progress [cql_pretrain awac_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
+        rate_text Progress
 """
 
 import json
@@ -870,6 +872,38 @@ def normalized_score(returns, ref_returns):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, pretraining, arguments
 # ---------------------------------------------------------------------------------------------
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -1196,7 +1230,8 @@ if __name__ == "__main__":
         # TRAIN: as many gradient steps as new transitions (5x in the first epoch)
         n_updates = args.epoch_length * (args.first_epoch_multiplier if epoch == 1 else 1)
         sums, offline_count = {}, 0
-        for _ in range(n_updates):
+        progress = Progress(f"epoch {epoch}: update", n_updates)
+        for update in range(1, n_updates + 1):
             idx = replay.sample_indices(args.batch_size)
             batch = replay.get(idx)
             offline_count += int((idx < replay.n_offline).sum())
@@ -1221,6 +1256,7 @@ if __name__ == "__main__":
                 logs["w_online_mean"], logs["w_offline_mean"] = w_online.mean(), w_offline.mean()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v
+            progress(update)
 
         # LOG the epoch's means; a non-finite loss stops the run before it reaches a checkpoint
         means = {k: (v / n_updates).item() for k, v in sums.items()}
@@ -1233,7 +1269,7 @@ if __name__ == "__main__":
             writer.add_scalar(f"charts/{k}" if k.startswith("w_") else f"losses/{k}", v, step)
         offline_fraction = offline_count / (n_updates * args.batch_size)
         writer.add_scalar("charts/offline_fraction", offline_fraction, step)
-        sps = int(args.epoch_length / (time.time() - epoch_start))
+        sps = args.epoch_length / (time.time() - epoch_start)
         writer.add_scalar("charts/SPS", sps, step)
         line = f"epoch {epoch}/{n_epochs} | qf {means['qf_loss']:.3f} | "
         line += f"actor {means['actor_loss']:.3f} | alpha {means['alpha']:.3f} | "
@@ -1242,7 +1278,7 @@ if __name__ == "__main__":
             line += (
                 f" | w online {means['w_online_mean']:.2f} offline {means['w_offline_mean']:.2f}"
             )
-        print(f"{line} | {sps} SPS", flush=True)
+        print(f"{line} | {rate_text(sps)} SPS", flush=True)
 
         # EVALUATE, measure the Q-ensemble's discrimination (Figure 4b), SAVE the whole state
         if epoch % args.auroc_every == 0 or epoch == n_epochs:

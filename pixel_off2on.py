@@ -30,6 +30,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune awac_finetune bcq_finetune]: check_same_settings
     members [off2on_finetune]: parse_members
+    progress [cql_pretrain off2on_finetune awac_finetune bcq_finetune fqe_baseline vae_shift_probe]:
+        rate_text Progress
 """
 
 import json
@@ -794,6 +796,38 @@ def evaluate(agents: Off2OnEnsemble, envs: list, seed: int, device) -> np.ndarra
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, the offline phase, arguments
 # ---------------------------------------------------------------------------------------------
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -915,7 +949,7 @@ def pretrain_cql(args: Args, data: FrameData, path: str, device):
     frames = torch.as_tensor(data.frames, device=device)
     dataset = (data.obs_index, data.actions, data.rewards, data.terminations)
     obs_index, actions, rewards, terminations = (torch.as_tensor(x, device=device) for x in dataset)
-    start_time = time.time()
+    start_time, progress = time.time(), Progress("CQL step", args.offline_steps, start)
     for step in range(start + 1, args.offline_steps + 1):
         # TRAIN: each agent its own minibatch, one gradient step of all N
         idx = torch.randint(len(data), (N, args.batch_size), device=device)
@@ -936,7 +970,7 @@ def pretrain_cql(args: Args, data: FrameData, path: str, device):
             print(
                 f"  CQL step {step:,}/{args.offline_steps:,} | qf {logs['qf_loss']:.4f} | "
                 f"cql {logs['cql_loss']:.3f} | actor {logs['actor_loss']:.3f} | "
-                f"Q {logs['q_data']:.3f} | {rate:.2f} steps/s",
+                f"Q {logs['q_data']:.3f} | {rate_text(rate)} steps/s",
                 flush=True,
             )
 
@@ -945,6 +979,7 @@ def pretrain_cql(args: Args, data: FrameData, path: str, device):
             state = {"global_step": step, "run_name": "inline", "rng": rng_state()}
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
             save_checkpoint(partial, {**checkpoint, **agents.state_dict(), **state})
+        progress(step, printed=step % 100 == 0 or last)
     os.replace(partial, path)
 
 
@@ -1087,7 +1122,8 @@ if __name__ == "__main__":
         # TRAIN: as many gradient steps as the episode had env steps (5x after the first)
         n_updates = steps * (args.first_epoch_multiplier if episode == 1 else 1)
         sums, offline_count = {}, 0
-        for _ in range(n_updates):
+        progress = Progress(f"episode {episode}: update", n_updates)
+        for update in range(1, n_updates + 1):
             idx = replay.sample_indices(args.batch_size)
             batch = replay.get(idx)
             offline_count += int((idx < replay.n_offline).sum())
@@ -1113,6 +1149,7 @@ if __name__ == "__main__":
                 logs["w_online_mean"], logs["w_offline_mean"] = w_online.mean(), w_offline.mean()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v
+            progress(update)
 
         # LOG the episode's means; a non-finite loss stops the run before it reaches a checkpoint
         means = {k: (v / n_updates).item() for k, v in sums.items()}
@@ -1125,12 +1162,12 @@ if __name__ == "__main__":
         for k, v in means.items():
             writer.add_scalar(f"charts/{k}" if k.startswith("w_") else f"losses/{k}", v, step)
         writer.add_scalar("charts/offline_fraction", offline_fraction, step)
-        sps = int(steps / (time.time() - episode_start))
+        sps = steps / (time.time() - episode_start)
         writer.add_scalar("charts/SPS", sps, step)
         line = f"episode {episode}/{args.online_episodes} | return {episode_return:.0f} | "
         line += f"qf {means['qf_loss']:.4f} | actor {means['actor_loss']:.3f} | "
         line += f"alpha {means['alpha']:.3f} | offline fraction {offline_fraction:.2f}"
-        print(f"{line} | {sps} SPS", flush=True)
+        print(f"{line} | {rate_text(sps)} SPS", flush=True)
 
         # EVALUATE, and SAVE the whole fine-tuning state
         if episode % args.eval_every == 0 or episode == args.online_episodes:

@@ -33,6 +33,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
         CHECKPOINT_FORMAT CheckpointError load_checkpoint check_checkpoint_matches
     checkpoint path [cql_pretrain off2on_finetune]: default_checkpoint_path
     mlp [bcq_finetune]: mlp
+    progress [cql_pretrain off2on_finetune awac_finetune bcq_finetune pixel_off2on fqe_baseline]:
+        rate_text Progress
 """
 
 import math
@@ -326,7 +328,7 @@ def train_vae(
     held-out pairs."""
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     held_out = held_out[:10_000]
-    start_time, last_step = time.time(), 0
+    start_time, last_step, progress = time.time(), 0, Progress("VAE step", steps)
     for step in range(1, steps + 1):
         idx = torch.randint(len(train), (batch_size,), device=train.device)
         elbo = vae.elbo(train[idx]).mean()
@@ -341,7 +343,7 @@ def train_vae(
                     f"error: non-finite ELBO at VAE step {step} ({elbo}, held out "
                     f"{held_out_elbo}); try a lower --vae-lr"
                 )
-            sps = int((step - last_step) / (time.time() - start_time))
+            sps = (step - last_step) / (time.time() - start_time)
             start_time, last_step = time.time(), step
             if writer is not None:
                 writer.add_scalar("losses/elbo", elbo, step)
@@ -349,9 +351,10 @@ def train_vae(
                 writer.add_scalar("charts/SPS", sps, step)
             print(
                 f"VAE step {step:,}/{steps:,} | ELBO {elbo:.3f} | "
-                f"held-out ELBO {held_out_elbo:.3f} | {sps} SPS",
+                f"held-out ELBO {held_out_elbo:.3f} | {rate_text(sps)} SPS",
                 flush=True,
             )
+        progress(step, printed=step % log_every == 0 or step == steps)
     return vae
 
 
@@ -631,6 +634,38 @@ def normalized_score(returns, ref_returns):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and arguments
 # ---------------------------------------------------------------------------------------------
+def rate_text(rate: float) -> str:
+    """A rate to two significant figures (0.42, 5.3, 53; 530 and up whole): a slow machine
+    shows as slow, never as 0."""
+    return f"{rate:.2g}" if rate < 100 else f"{rate:,.0f}"
+
+
+class Progress:
+    """Prints a line at least every `seconds` of wall time through a long phase, with its rate
+    and the time left, so that a slow or loaded machine is not taken for a hung run. Call it
+    after every step; `printed` says the loop printed its own line (the clock starts again)."""
+
+    def __init__(self, what: str, total: int, done: int = 0, seconds: float = 30.0):
+        self.what, self.total, self.seconds = what, total, seconds
+        self.done_at_start, self.start = done, time.time()
+        self.last = self.start
+
+    def __call__(self, done: int, printed: bool = False):
+        now = time.time()
+        if printed:
+            self.last = now
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        rate = (done - self.done_at_start) / (now - self.start)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min"
+        when = f"{left:.0f} s" if left < 60 else when
+        print(
+            f"  {self.what} {done:,}/{self.total:,}: {rate_text(rate)}/s, {when} left", flush=True
+        )
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -690,8 +725,8 @@ if __name__ == "__main__":
     try:
         validate_args(args)
         if not os.path.isfile(checkpoint_path):
-            # a bad --env-id is named here, not passed on in the command suggested below
-            load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
+            if not D4RL_NAME.match(args.env_id):  # a bad --env-id fails here, not in the command
+                load_offline_data(args.env_id, args.dataset_path, args.random_dataset_size)
             raise CheckpointError(
                 f"--checkpoint {checkpoint_path} does not exist: pretrain one with "
                 f"`python cql_pretrain.py --env-id {args.env_id}`"
