@@ -241,6 +241,11 @@ def test_a_resumed_run_is_the_run_left_alone(work):
         other = states[1]["replay"][key]
         assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
     assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
+    done = run(work.path, "--online-episodes", "3", "--exp-name", "alone", "--resume")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "alone__pick-place__n2__seed1.pt is complete (3 episodes): nothing to resume" in done.stdout
+    )
 
 
 def test_online_only_cql_loss_from_the_saved_checkpoint(work):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS = 4
+EPOCHS = 3
 SMALL = "--batch-size 32 --eval-episodes 1 --save-every 1 --no-cuda"
 RUNS = {  # name: (script, flags, state file); every run is seed 1
     "off2on_halfcheetah": (
