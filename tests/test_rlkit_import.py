@@ -110,11 +110,11 @@ def test_first_n_agents_by_seed_number(tmp_path, env):
     )
 
 
-def cli(workdir, *flags):
+def cli(workdir, *flags, script="cql_pretrain.py"):
     env = {**os.environ, "MINARI_DATASETS_PATH": str(workdir / "minari"), "HF_HUB_OFFLINE": "1"}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "cql_pretrain.py"), *flags],
+        [sys.executable, os.path.join(ROOT, script), *flags],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -137,27 +137,12 @@ def test_cli_writes_a_checkpoint_that_fine_tuning_takes(tmp_path):
     )
     assert meta["imported_from"]["steps"] == [1000] * 4
     # fine-tuning member 0 alone, on a dataset the agents were not trained on: the env is checked
-    made = cli(
-        tmp_path,
-        "--env-id",
-        "halfcheetah-random-v2",
-        "--random-dataset-size",
-        "1200",
-        "--dataset-only",
-    )
+    data = "--env-id halfcheetah-random-v2 --random-dataset-size 1200".split()
+    made = cli(tmp_path, *data, "--dataset-only")
     assert made.returncode == 0, made.stderr
-    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "HF_HUB_OFFLINE": "1"}
-    env["OMP_NUM_THREADS"] = "1"
-    finetune = [
-        sys.executable, os.path.join(ROOT, "off2on_finetune.py"), "--env-id",
-        "halfcheetah-random-v2", "--random-dataset-size", "1200", "--checkpoint", "imported.pt",
-        "--ensemble-size", "1", "--total-timesteps", "100", "--epoch-length", "50",
-        "--first-epoch-multiplier", "1", "--batch-size", "16", "--eval-episodes", "1",
-        "--auroc-samples", "20", "--no-cuda",
-    ]  # fmt: skip
-    run = subprocess.run(
-        finetune, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    finetune = "--checkpoint imported.pt --ensemble-size 1 --total-timesteps 100 --epoch-length 50"
+    finetune += " --first-epoch-multiplier 1 --batch-size 16 --eval-episodes 1 --auroc-samples 20"
+    run = cli(tmp_path, *data, *finetune.split(), "--no-cuda", script="off2on_finetune.py")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "imported from" in run.stdout
     state = torch.load(
