@@ -27,7 +27,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain off2on_finetune fqe_baseline pixel_off2on bcq_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune pixel_off2on bcq_finetune]: check_same_settings
-    online env [off2on_finetune bcq_finetune]: env_snapshot restore_env
+    online env [off2on_finetune bcq_finetune]: env_snapshot restore_env collect
     non-finite [bcq_finetune]: stop_if_not_finite
     progress [cql_pretrain off2on_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
         rate_text Progress
@@ -785,6 +785,27 @@ def stop_if_not_finite(means: dict, where: str, state_path: str):
         )
 
 
+@torch.no_grad()
+def collect(env, act, replay, obs, episode_return: float, n_steps: int):
+    """n_steps environment steps from obs with act(obs) -> an action in [-1, 1]^A, each stored in
+    the replay. Returns the obs and return to go on from, and (steps taken, return) of each
+    episode that ended."""
+    low, high, finished = env.action_space.low, env.action_space.high, []
+    for t in range(1, n_steps + 1):
+        action = act(obs)
+        # a Gaussian policy's samples leave [-1, 1]: clipped for the env (rlkit's
+        # NormalizedBoxEnv does the same), stored as drawn
+        env_action = np.clip(scale_to_env(action, env.action_space), low, high)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        # a time limit is not an end of the task: only a termination stops the bootstrapping
+        replay.add(obs, action, reward, next_obs, terminated)
+        obs, episode_return = next_obs, episode_return + reward
+        if terminated or truncated:
+            finished.append((t, episode_return))
+            obs, episode_return = env.reset()[0], 0.0
+    return obs, episode_return, finished
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     seed, env_tag = args.seed, args.env_id.replace("/", "-")
@@ -931,25 +952,20 @@ if __name__ == "__main__":
     else:
         obs, episode_return = env.reset(seed=seed + start_epoch)[0], 0.0
     n_epochs = args.total_timesteps // args.epoch_length
-    low, high = env.action_space.low, env.action_space.high
+
+    def act(obs):
+        mean, log_std = agent.policy(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        return (mean + log_std.exp() * torch.randn_like(mean)).cpu().numpy()
+
     for epoch in range(start_epoch + 1, n_epochs + 1):
         # COLLECT an epoch with the stochastic policy; the replay keeps its unclipped actions
         epoch_start, step = time.time(), (epoch - 1) * args.epoch_length
-        with torch.no_grad():
-            for _ in range(args.epoch_length):
-                mean, log_std = agent.policy(
-                    torch.as_tensor(obs, dtype=torch.float32, device=device)
-                )
-                action = (mean + log_std.exp() * torch.randn_like(mean)).cpu().numpy()
-                # the Gaussian's samples leave [-1, 1]: clipped for the env, as rlkit's
-                # NormalizedBoxEnv does
-                env_action = np.clip(scale_to_env(action, env.action_space), low, high)
-                next_obs, reward, terminated, truncated, _ = env.step(env_action)
-                replay.add(obs, action, reward, next_obs, terminated)
-                obs, episode_return, step = next_obs, episode_return + reward, step + 1
-                if terminated or truncated:
-                    writer.add_scalar("charts/episodic_return", episode_return, step)
-                    obs, episode_return = env.reset()[0], 0.0
+        obs, episode_return, finished = collect(
+            env, act, replay, obs, episode_return, args.epoch_length
+        )
+        for t, episodic_return in finished:
+            writer.add_scalar("charts/episodic_return", episodic_return, step + t)
+        step += args.epoch_length
 
         # TRAIN: as many gradient steps as new transitions, once min_steps_before_training are in
         n_updates = args.epoch_length if step > args.min_steps_before_training else 0

@@ -28,7 +28,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain off2on_finetune fqe_baseline pixel_off2on awac_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain off2on_finetune pixel_off2on awac_finetune]: check_same_settings
-    online env [off2on_finetune awac_finetune]: env_snapshot restore_env
+    online env [off2on_finetune awac_finetune]: env_snapshot restore_env collect
     non-finite [awac_finetune]: stop_if_not_finite
     mlp [vae_shift_probe]: mlp
     progress [cql_pretrain off2on_finetune awac_finetune pixel_off2on fqe_baseline vae_shift_probe]:
@@ -823,6 +823,27 @@ def stop_if_not_finite(means: dict, where: str, state_path: str):
         )
 
 
+@torch.no_grad()
+def collect(env, act, replay, obs, episode_return: float, n_steps: int):
+    """n_steps environment steps from obs with act(obs) -> an action in [-1, 1]^A, each stored in
+    the replay. Returns the obs and return to go on from, and (steps taken, return) of each
+    episode that ended."""
+    low, high, finished = env.action_space.low, env.action_space.high, []
+    for t in range(1, n_steps + 1):
+        action = act(obs)
+        # a Gaussian policy's samples leave [-1, 1]: clipped for the env (rlkit's
+        # NormalizedBoxEnv does the same), stored as drawn
+        env_action = np.clip(scale_to_env(action, env.action_space), low, high)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        # a time limit is not an end of the task: only a termination stops the bootstrapping
+        replay.add(obs, action, reward, next_obs, terminated)
+        obs, episode_return = next_obs, episode_return + reward
+        if terminated or truncated:
+            finished.append((t, episode_return))
+            obs, episode_return = env.reset()[0], 0.0
+    return obs, episode_return, finished
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     seed, env_tag = args.seed, args.env_id.replace("/", "-")
@@ -981,20 +1002,20 @@ if __name__ == "__main__":
     else:
         obs, episode_return = env.reset(seed=seed + start_epoch)[0], 0.0
     n_epochs = args.total_timesteps // args.epoch_length
+
+    def act(obs):
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+        return agent.act(x, args.select_candidates)[0].cpu().numpy()
+
     for epoch in range(start_epoch + 1, n_epochs + 1):
         # COLLECT an epoch with BCQ's own policy, no other exploration noise
         epoch_start, step = time.time(), (epoch - 1) * args.epoch_length
-        for _ in range(args.epoch_length):
-            x = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            action = agent.act(x, args.select_candidates)[0].cpu().numpy()
-            next_obs, reward, terminated, truncated, _ = env.step(
-                scale_to_env(action, env.action_space)
-            )
-            replay.add(obs, action, reward, next_obs, terminated)
-            obs, episode_return, step = next_obs, episode_return + reward, step + 1
-            if terminated or truncated:
-                writer.add_scalar("charts/episodic_return", episode_return, step)
-                obs, episode_return = env.reset()[0], 0.0
+        obs, episode_return, finished = collect(
+            env, act, replay, obs, episode_return, args.epoch_length
+        )
+        for t, episodic_return in finished:
+            writer.add_scalar("charts/episodic_return", episodic_return, step + t)
+        step += args.epoch_length
 
         # TRAIN: as many BCQ iterations as new transitions, on uniform batches of data and online
         sums, progress = {}, Progress(f"epoch {epoch}: update", args.epoch_length)

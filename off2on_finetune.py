@@ -38,7 +38,7 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     saving [cql_pretrain fqe_baseline pixel_off2on awac_finetune bcq_finetune]: save_checkpoint
         rng_state restore_rng_state
     resuming [cql_pretrain pixel_off2on awac_finetune bcq_finetune]: check_same_settings
-    online env [awac_finetune bcq_finetune]: env_snapshot restore_env
+    online env [awac_finetune bcq_finetune]: env_snapshot restore_env collect
     checkpoint path [cql_pretrain vae_shift_probe]: default_checkpoint_path
     members [pixel_off2on]: parse_members
     progress [cql_pretrain awac_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
@@ -1077,6 +1077,78 @@ def validate_args(args: Args):
         raise ValueError("--from-scratch starts from random networks: drop --checkpoint, --members")
 
 
+# ---------------------------------------------------------------------------------------------
+# The online loop's two bodies: collecting transitions, and one training step
+# ---------------------------------------------------------------------------------------------
+def make_learners(args: Args, data: OfflineData, hidden_sizes, device):
+    """What the online phase trains: the ensemble, the replay over offline and online data, and
+    the density-ratio net with its optimizer."""
+    obs_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
+    agents = Off2OnEnsemble(
+        obs_dim, action_dim, hidden_sizes, args.ensemble_size, args.gamma, args.tau,
+        args.policy_lr, args.q_lr, args.alpha_lr, args.finetune_loss, args.cql_alpha,
+        args.cql_n_actions, device,
+    )  # fmt: skip
+    replay = BalancedReplay(
+        data, args.total_timesteps, args.replay, args.init_online_fraction, args.epoch_length,
+        args.online_buffer_size, args.seed, device,
+    )  # fmt: skip
+    density_ratio = DensityRatio(obs_dim, action_dim).to(device)
+    ratio_optimizer = torch.optim.Adam(
+        density_ratio.parameters(), lr=args.density_ratio_lr, fused=True
+    )
+    return agents, replay, density_ratio, ratio_optimizer
+
+
+@torch.no_grad()
+def collect(env, act, replay, obs, episode_return: float, n_steps: int):
+    """n_steps environment steps from obs with act(obs) -> an action in [-1, 1]^A, each stored in
+    the replay. Returns the obs and return to go on from, and (steps taken, return) of each
+    episode that ended."""
+    low, high, finished = env.action_space.low, env.action_space.high, []
+    for t in range(1, n_steps + 1):
+        action = act(obs)
+        # a Gaussian policy's samples leave [-1, 1]: clipped for the env (rlkit's
+        # NormalizedBoxEnv does the same), stored as drawn
+        env_action = np.clip(scale_to_env(action, env.action_space), low, high)
+        next_obs, reward, terminated, truncated, _ = env.step(env_action)
+        # a time limit is not an end of the task: only a termination stops the bootstrapping
+        replay.add(obs, action, reward, next_obs, terminated)
+        obs, episode_return = next_obs, episode_return + reward
+        if terminated or truncated:
+            finished.append((t, episode_return))
+            obs, episode_return = env.reset()[0], 0.0
+    return obs, episode_return, finished
+
+
+def train_step(agents, replay, density_ratio, ratio_optimizer, args: Args):
+    """One gradient step of the online phase: an RL batch drawn by priority, (balanced replay) the
+    density ratio's step and the batch's new priorities, then the ensemble's update. Returns the
+    update's logs and how many of the batch's transitions are offline ones."""
+    idx = replay.sample_indices(args.batch_size)
+    batch = replay.get(idx)
+    if replay.mode == "balanced":
+        # DENSITY RATIO: w of the RL batch gives its new priorities (eq. 6, with w before this
+        # step's update); w of an online and an offline batch, the loss (eq. 4)
+        on_idx, off_idx = replay.density_ratio_indices(args.batch_size, args.ratio_target)
+        ratio_batch = replay.get(np.concatenate([idx, on_idx, off_idx]), FIELDS[:2])
+        w_batch, w_online, w_offline = density_ratio(*ratio_batch).split(args.batch_size)
+        with torch.no_grad():
+            priorities = priority(w_batch, w_offline, args.temperature)
+        replay.update_priorities(idx, priorities.cpu().numpy())
+        loss = density_ratio_loss(w_online, w_offline)
+        ratio_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ratio_optimizer.step()
+    # ENSEMBLE UPDATE: critics, actors and alpha of all N members (eqs. 1, 2, 5)
+    logs = agents.update(batch)
+    if replay.mode == "balanced":
+        logs["density_ratio_loss"] = loss.detach()
+        logs["w_online_mean"] = w_online.detach().mean()
+        logs["w_offline_mean"] = w_offline.detach().mean()
+    return logs, int((idx < replay.n_offline).sum())
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     N, seed, env_tag = args.ensemble_size, args.seed, args.env_id.replace("/", "-")
@@ -1145,18 +1217,7 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     np.random.seed(seed)
 
-    agents = Off2OnEnsemble(
-        obs_dim, action_dim, hidden_sizes, N, args.gamma, args.tau, args.policy_lr, args.q_lr,
-        args.alpha_lr, args.finetune_loss, args.cql_alpha, args.cql_n_actions, device,
-    )  # fmt: skip
-    replay = BalancedReplay(
-        data, args.total_timesteps, args.replay, args.init_online_fraction, args.epoch_length,
-        args.online_buffer_size, seed, device,
-    )  # fmt: skip
-    density_ratio = DensityRatio(obs_dim, action_dim).to(device)
-    ratio_optimizer = torch.optim.Adam(
-        density_ratio.parameters(), lr=args.density_ratio_lr, fused=True
-    )
+    agents, replay, density_ratio, ratio_optimizer = make_learners(args, data, hidden_sizes, device)
     analysis_rng = np.random.default_rng(seed + 1)  # the online transitions the AUROC uses
     start_epoch, run_name = 0, f"{env_tag}__{args.exp_name}__{seed}__{int(time.time())}"
     if resume:
@@ -1207,53 +1268,31 @@ if __name__ == "__main__":
         obs, episode_return = restore_env(env, state["env"])
     else:
         obs, episode_return = env.reset(seed=seed + start_epoch)[0], 0.0
+
+    def act(obs):  # a sample of the merged policy pi_E
+        mean, log_std = agents.policy(
+            torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+        )
+        return tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
+
     n_epochs = args.total_timesteps // args.epoch_length
     for epoch in range(start_epoch + 1, n_epochs + 1):
         # COLLECT an epoch of online transitions with the merged policy
         epoch_start, step = time.time(), (epoch - 1) * args.epoch_length
-        with torch.no_grad():
-            for _ in range(args.epoch_length):
-                x = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-                mean, log_std = agents.policy(x)
-                action = (
-                    tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
-                )
-                next_obs, reward, terminated, truncated, _ = env.step(
-                    scale_to_env(action, env.action_space)
-                )
-                replay.add(obs, action, reward, next_obs, terminated)
-                obs, episode_return, step = next_obs, episode_return + reward, step + 1
-                if terminated or truncated:
-                    writer.add_scalar("charts/episodic_return", episode_return, step)
-                    obs, episode_return = env.reset()[0], 0.0
+        obs, episode_return, finished = collect(
+            env, act, replay, obs, episode_return, args.epoch_length
+        )
+        for t, episodic_return in finished:
+            writer.add_scalar("charts/episodic_return", episodic_return, step + t)
+        step += args.epoch_length
 
         # TRAIN: as many gradient steps as new transitions (5x in the first epoch)
         n_updates = args.epoch_length * (args.first_epoch_multiplier if epoch == 1 else 1)
         sums, offline_count = {}, 0
         progress = Progress(f"epoch {epoch}: update", n_updates)
         for update in range(1, n_updates + 1):
-            idx = replay.sample_indices(args.batch_size)
-            batch = replay.get(idx)
-            offline_count += int((idx < replay.n_offline).sum())
-            if args.replay == "balanced":
-                # DENSITY RATIO: w of the RL batch gives its new priorities (eq. 6, with w before
-                # this step's update); w of an online and an offline batch, the loss (eq. 4)
-                on_idx, off_idx = replay.density_ratio_indices(args.batch_size, args.ratio_target)
-                ratio_batch = replay.get(np.concatenate([idx, on_idx, off_idx]), FIELDS[:2])
-                w_batch, w_online, w_offline = density_ratio(*ratio_batch).split(args.batch_size)
-                with torch.no_grad():
-                    priorities = priority(w_batch, w_offline, args.temperature)
-                replay.update_priorities(idx, priorities.cpu().numpy())
-                loss = density_ratio_loss(w_online, w_offline)
-                ratio_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                ratio_optimizer.step()
-                w_online, w_offline = w_online.detach(), w_offline.detach()
-            # ENSEMBLE UPDATE: critics, actors and alpha of all N members (eqs. 1, 2, 5)
-            logs = agents.update(batch)
-            if args.replay == "balanced":
-                logs["density_ratio_loss"] = loss.detach()
-                logs["w_online_mean"], logs["w_offline_mean"] = w_online.mean(), w_offline.mean()
+            logs, n_offline = train_step(agents, replay, density_ratio, ratio_optimizer, args)
+            offline_count += n_offline
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v
             progress(update)

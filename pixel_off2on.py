@@ -1004,6 +1004,55 @@ def validate_args(args: Args):
         raise ValueError(f"--hidden-sizes must be positive integers, got {args.hidden_sizes}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The online loop's two bodies: collecting an episode, and one training step
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_episode(env, act, replay, seed: int):
+    """One episode from env.reset(seed=seed) with act(frame) -> action, each transition stored in
+    the replay. Returns the episode's return and its number of steps."""
+    obs, _ = env.reset(seed=seed)
+    replay.start_episode(obs)
+    episode_return, done, steps = 0.0, False, 0
+    while not done:
+        action = act(obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        # a time limit is not an end of the task: only a termination stops the bootstrapping
+        replay.add(action, reward, obs, terminated)
+        episode_return, steps = episode_return + reward, steps + 1
+        done = terminated or truncated
+    return episode_return, steps
+
+
+def train_step(agents, replay, density_ratio, ratio_optimizer, args: Args):
+    """One gradient step of the online phase: an RL batch drawn by priority, (balanced replay) the
+    density ratio's step and the batch's new priorities, then the ensemble's update. Returns the
+    update's logs and how many of the batch's transitions are offline ones."""
+    idx = replay.sample_indices(args.batch_size)
+    batch = replay.get(idx)
+    if replay.mode == "balanced":
+        # DENSITY RATIO: w of the RL batch gives its new priorities (eq. 6, with w before this
+        # step's update); w of an online and an offline batch, the loss (eq. 4)
+        on_idx, off_idx = replay.density_ratio_indices(args.batch_size)
+        on, off = replay.get(on_idx), replay.get(off_idx)
+        frames, actions = (torch.cat([batch[k], on[k], off[k]]) for k in (0, 1))
+        w_batch, w_online, w_offline = density_ratio(frames, actions).split(args.batch_size)
+        with torch.no_grad():
+            priorities = priority(w_batch, w_offline, args.temperature)
+        replay.update_priorities(idx, priorities.cpu().numpy())
+        loss = density_ratio_loss(w_online, w_offline)
+        ratio_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ratio_optimizer.step()
+    # ENSEMBLE UPDATE: critics, actors and alpha of all N members (eqs. 1, 2, 5)
+    logs = agents.update(batch)
+    if replay.mode == "balanced":
+        logs["density_ratio_loss"] = loss.detach()
+        logs["w_online_mean"] = w_online.detach().mean()
+        logs["w_offline_mean"] = w_offline.detach().mean()
+    return logs, int((idx < replay.n_offline).sum())
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     N, seed = args.ensemble_size, args.seed
@@ -1102,21 +1151,15 @@ if __name__ == "__main__":
 
     if start_episode == 0:
         log_evaluation(0)  # the offline ensemble, before any online step
+
+    def act(frame):  # a sample of the merged policy pi_E
+        mean, log_std = agents.policy(torch.as_tensor(frame, device=device)[None])
+        return tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0].cpu().numpy()
+
     for episode in range(start_episode + 1, args.online_episodes + 1):
         # COLLECT one episode with the merged policy (an "epoch" here: docs/pixels.md, "Schedule")
         episode_start = time.time()
-        obs, _ = env.reset(seed=seed + episode)
-        replay.start_episode(obs)
-        episode_return, done, steps = 0.0, False, 0
-        with torch.no_grad():
-            while not done:
-                mean, log_std = agents.policy(torch.as_tensor(obs, device=device)[None])
-                action = tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))[0][0]
-                action = action.cpu().numpy()
-                obs, reward, terminated, truncated, _ = env.step(action)
-                replay.add(action, reward, obs, terminated)
-                episode_return, steps = episode_return + reward, steps + 1
-                done = terminated or truncated
+        episode_return, steps = collect_episode(env, act, replay, seed + episode)
         writer.add_scalar("charts/episodic_return", episode_return, replay.n_online)
 
         # TRAIN: as many gradient steps as the episode had env steps (5x after the first)
@@ -1124,29 +1167,8 @@ if __name__ == "__main__":
         sums, offline_count = {}, 0
         progress = Progress(f"episode {episode}: update", n_updates)
         for update in range(1, n_updates + 1):
-            idx = replay.sample_indices(args.batch_size)
-            batch = replay.get(idx)
-            offline_count += int((idx < replay.n_offline).sum())
-            if args.replay == "balanced":
-                # DENSITY RATIO: w of the RL batch gives its new priorities (eq. 6, with w before
-                # this step's update); w of an online and an offline batch, the loss (eq. 4)
-                on_idx, off_idx = replay.density_ratio_indices(args.batch_size)
-                on, off = replay.get(on_idx), replay.get(off_idx)
-                frames, actions = (torch.cat([batch[k], on[k], off[k]]) for k in (0, 1))
-                w_batch, w_online, w_offline = density_ratio(frames, actions).split(args.batch_size)
-                with torch.no_grad():
-                    priorities = priority(w_batch, w_offline, args.temperature)
-                replay.update_priorities(idx, priorities.cpu().numpy())
-                loss = density_ratio_loss(w_online, w_offline)
-                ratio_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                ratio_optimizer.step()
-                w_online, w_offline = w_online.detach(), w_offline.detach()
-            # ENSEMBLE UPDATE: critics, actors and alpha of all N members (eqs. 1, 2, 5)
-            logs = agents.update(batch)
-            if args.replay == "balanced":
-                logs["density_ratio_loss"] = loss.detach()
-                logs["w_online_mean"], logs["w_offline_mean"] = w_online.mean(), w_offline.mean()
+            logs, n_offline = train_step(agents, replay, density_ratio, ratio_optimizer, args)
+            offline_count += n_offline
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0) + v
             progress(update)

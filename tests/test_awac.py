@@ -4,6 +4,7 @@ end-to-end runs of the script on a tiny generated dataset (both phases, logs, th
 checkpoint, resume, errors).
 """
 
+import copy
 import glob
 import math
 import os
@@ -172,6 +173,34 @@ def test_update_steps_both_and_soft_updates_targets(f64):
     for t, p, old in zip(agent.qf_target.parameters(), agent.qf.parameters(), old_target):
         assert torch.allclose(t, 0.9 * old + 0.1 * p, atol=1e-12)
     assert all(not torch.equal(p, o) for p, o in zip(agent.policy.parameters(), old_policy))
+
+
+def grads(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def test_both_losses_come_from_the_networks_before_either_step(f64):
+    """The authors' trainer computes both losses, then steps: the advantages that weigh the actor
+    loss come from the critics before their step (and the critics' targets from the policy before
+    its step)."""
+    agent = make_agent(q_lr=0.05)
+    batch = make_batch()
+    noise = agent.draw_noise(B)
+    twin = copy.deepcopy(agent)
+    agent.update(batch, noise)
+    qf_loss, _ = twin.critic_loss(*batch, noise)
+    actor_loss, _ = twin.actor_loss(batch[0], batch[1], noise)
+    (qf_loss + actor_loss).backward()  # disjoint parameters
+    for mine, theirs in zip(grads(agent.qf), grads(twin.qf)):
+        torch.testing.assert_close(mine, theirs)
+    before_critic_step = grads(twin.policy)
+    for mine, theirs in zip(grads(agent.policy), before_critic_step):
+        torch.testing.assert_close(mine, theirs)
+    # the test can tell: after the critics' step, the actor's gradient is another
+    twin.qf_optimizer.step()
+    twin.policy.zero_grad()
+    twin.actor_loss(batch[0], batch[1], noise)[0].backward()
+    assert not all(torch.allclose(a, b) for a, b in zip(before_critic_step, grads(twin.policy)))
 
 
 def test_loading_a_state_keeps_this_runs_optimizer_settings(f64):

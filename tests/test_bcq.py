@@ -3,6 +3,7 @@ loss, the perturbation's bounds, the action selection, the critic target against
 each loss's gradients go, and end-to-end runs of the script on a tiny Minari dataset (both phases,
 skipping the offline phase, resume, errors)."""
 
+import copy
 import glob
 import math
 import os
@@ -20,6 +21,7 @@ from bcq_finetune import (
     BCQ,
     Args,
     ConditionalVAE,
+    gradient_step,
     perturb,
     sample_latent,
     soft_clipped_target,
@@ -278,6 +280,33 @@ def test_update_steps_every_network_then_soft_updates_the_targets(f64):
             old, getattr(agent, name).parameters(), getattr(agent, f"{name}_target").parameters()
         ):
             torch.testing.assert_close(target, (1 - tau) * old_target + tau * new)
+
+
+def test_the_update_steps_the_vae_then_the_critics_then_the_actor_each_after_the_last(f64):
+    """Algorithm 1's order: the critics' targets use the VAE after its step, the actor's loss the
+    critics (and the VAE) after theirs."""
+    agent = make_agent(vae_lr=0.05, q_lr=0.05)
+    randomize(agent.qf_target)
+    batch = make_batch()
+    noise = agent.draw_noise(5)
+    twin, old = copy.deepcopy(agent), copy.deepcopy(agent)
+    agent.update(batch, noise)
+    obs, actions = batch[:2]
+    recon, mean, log_std = twin.vae(obs, actions, noise["vae"])
+    gradient_step(twin.vae_optimizer, vae_loss(recon, actions, mean, log_std)[0])
+    for mine, theirs in zip(grads(agent.vae), grads(twin.vae)):
+        torch.testing.assert_close(mine, theirs)
+    for copy_ in (twin, old):  # old: the critics' loss with the VAE before its step
+        copy_.critic_loss(*batch, noise)[0].backward()
+    for mine, theirs, before in zip(grads(agent.qf), grads(twin.qf), grads(old.qf)):
+        torch.testing.assert_close(mine, theirs)
+        assert not torch.allclose(theirs, before)
+    twin.qf_optimizer.step()
+    for copy_ in (twin, old):  # old: the actor's loss with the critics before their step
+        copy_.actor_loss(obs, noise).backward()
+    for mine, theirs, before in zip(grads(agent.actor), grads(twin.actor), grads(old.actor)):
+        torch.testing.assert_close(mine, theirs)
+        assert not torch.allclose(theirs, before)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 """pixel_off2on.py: vectorized conv networks against per-member twins, the frame-indexed replay,
 member selection, the CQL term's shared encodings, and an end-to-end tiny run."""
 
+import copy
 import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,59 @@ def test_online_episodes_append_frames_and_index_them():
     for x, y in zip(replay.get(np.arange(7)), other.get(np.arange(7))):
         assert torch.equal(x, y)
     assert other.tree.total == pytest.approx(replay.tree.total)
+
+
+# ---------------------------------------------------------------------------------------
+# The online loop's bodies: an episode's collection, one training step
+# ---------------------------------------------------------------------------------------
+def test_collect_episode_stores_a_time_limit_as_no_termination():
+    env = gym.make(px.pixel_envs.TASKS["pick-place"], max_episode_steps=4)
+    flags = []
+    step = env.step
+    env.step = lambda action: flags.append(step(action)) or flags[-1]
+    data = px.FrameData(**px.episodes_to_frames(fake_episodes([3])), dataset_id="fake")
+    replay = px.PixelReplay(data, online_capacity=10, online_episodes=2, mode="uniform")
+    rng = np.random.default_rng(0)
+    episode_return, steps = px.collect_episode(env, lambda frame: rng.uniform(-1, 1, 4), replay, 0)
+    assert steps == 4 and replay.n_online == 4
+    assert [f[3] for f in flags] == [False, False, False, True]  # truncated by the time limit
+    obs, _, rewards, next_obs, terminations = replay.get(np.arange(3, 7))
+    assert terminations.tolist() == [0.0] * 4  # stored as no termination
+    for j, f in enumerate(flags):  # each stored s' is the frame the env returned
+        assert torch.equal(next_obs[j], torch.as_tensor(f[0]))
+        assert rewards[j].item() == pytest.approx(f[1])
+    assert torch.equal(obs[1:], next_obs[:-1])
+    assert episode_return == pytest.approx(sum(f[1] for f in flags))
+
+
+def test_train_step_gives_the_rl_batch_priorities_of_its_w_before_the_ratio_step():
+    torch.manual_seed(0)
+    args = px.Args(batch_size=8, hidden_sizes=(8, 8), ensemble_size=2, density_ratio_lr=0.05)
+    data = px.FrameData(**px.episodes_to_frames(fake_episodes([6, 6])), dataset_id="fake")
+    replay = px.PixelReplay(data, online_capacity=10, online_episodes=1, epoch_length=10)
+    replay.start_episode(frames(1, seed=1)[0, 0])
+    for j, frame in enumerate(frames(1, 10, seed=2)[0]):
+        replay.add(np.full(4, j / 10 - 0.5), 0.0, frame, False)
+    agents = px.Off2OnEnsemble(4, (8, 8), 2)
+    density_ratio = px.DensityRatio(4, (8, 8))
+    optimizer = torch.optim.Adam(density_ratio.parameters(), lr=args.density_ratio_lr)
+    learners = (agents, replay, density_ratio, optimizer)
+    px.train_step(*learners, args)  # priorities that differ from transition to transition
+    drawn = {}
+    sample_indices, density_ratio_indices = replay.sample_indices, replay.density_ratio_indices
+    replay.sample_indices = lambda n: drawn.setdefault("rl", sample_indices(n))
+    replay.density_ratio_indices = lambda n: drawn.setdefault("ratio", density_ratio_indices(n))
+    before = copy.deepcopy(density_ratio)
+    px.train_step(*learners, args)
+
+    idx, off_idx = drawn["rl"], drawn["ratio"][1]
+    with torch.no_grad():
+        w_batch, w_offline = (before(*replay.get(i)[:2]) for i in (idx, off_idx))
+        expected = px.priority(w_batch, w_offline, args.temperature).numpy()
+        w_batch, w_offline = (density_ratio(*replay.get(i)[:2]) for i in (idx, off_idx))
+        after = px.priority(w_batch, w_offline, args.temperature).numpy()
+    np.testing.assert_allclose(replay.tree.get(idx), expected, rtol=1e-5)
+    assert np.abs(after / expected - 1).max() > 1e-3  # the test can tell before from after
 
 
 # ---------------------------------------------------------------------------------------
