@@ -892,6 +892,7 @@ if __name__ == "__main__":
         if online_env is not None:
             state["env"] = online_env
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+        writer.flush()  # the logs up to this state are on disk before the state is
         save_checkpoint(state_path, {**checkpoint, **agent.state_dict(), **state})
 
     # OFFLINE PHASE: the same update on the dataset alone (the trainer's pretrain_q_with_bc_data)

@@ -948,6 +948,7 @@ if __name__ == "__main__":
         if online_env is not None:
             state["env"] = online_env
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+        writer.flush()  # the logs up to this state are on disk before the state is
         save_checkpoint(state_path, {**checkpoint, **agent.state_dict(), **state})
 
     # Offline phase: BCQ on the dataset (the buffer holds no online transition yet); x axis of its

@@ -72,7 +72,9 @@ class Args:
     dry_run: bool = False
     """print the commands, jobs that others wait for first, and exit"""
     slurm_partition: str | None = None
-    """Slurm partition"""
+    """Slurm partition (the cluster's default if not given)"""
+    slurm_account: str | None = None
+    """Slurm account to charge, where the cluster asks for one"""
     slurm_time: int = 240
     """minutes per Slurm job; a job at its limit is requeued and continues with --resume"""
     slurm_gpus: int = 1
@@ -402,10 +404,42 @@ def make_executor(args: Args):
     )
     executor.update_parameters(
         timeout_min=args.slurm_time, slurm_partition=args.slurm_partition,
-        gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb,
-        name="off2on",
+        slurm_account=args.slurm_account, gpus_per_node=args.slurm_gpus,
+        cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb, name="off2on",
     )  # fmt: skip
+    sacct = subprocess.run(["sacct", "--noheader", "-j", "1"], capture_output=True, text=True)
+    if sacct.returncode != 0:
+        reason = (sacct.stderr + sacct.stdout).strip().splitlines() or ["?"]
+        print(f"note: sacct fails on this cluster ({reason[-1]}): job states come from squeue")
+        submitit.slurm.slurm.SlurmJob.watcher = squeue_watcher_class()(delay_s=60)
     return executor
+
+
+def squeue_watcher_class():
+    """submitit reads job states with sacct, which fails where a cluster keeps no accounting (as
+    many small ones don't): it would warn at every poll and never see a job that died without its
+    result. This reads them from squeue instead: a job that has left the queue has ended."""
+    import getpass
+
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class SqueueWatcher(SlurmInfoWatcher):
+        def _make_command(self):
+            if not self._registered - self._finished:
+                return None
+            return ["squeue", "--noheader", "--format=%i|%T|%N", f"--user={getpass.getuser()}"]
+
+        def read_info(self, string) -> dict:
+            string = string.decode() if isinstance(string, bytes) else string
+            info = {}
+            for line in string.splitlines():
+                job_id, state, nodes = line.split("|")
+                info[job_id] = {"JobID": job_id, "State": state, "NodeList": nodes}
+            for job_id in self._registered - self._finished - info.keys():
+                info[job_id] = {"JobID": job_id, "State": "LEFT_QUEUE", "NodeList": ""}
+            return info
+
+    return SqueueWatcher
 
 
 def run_sweep(args: Args, jobs: list[Job]) -> dict[str, list[str]]:
@@ -430,6 +464,8 @@ def run_sweep(args: Args, jobs: list[Job]) -> dict[str, list[str]]:
                     pending.remove(job)
                     runner = RunJob(job, os.getcwd(), args.sweep_dir, args.threads)
                     running[job.name] = (job, executor.submit(runner), time.time())
+                    if args.backend == "slurm":
+                        print(f"submitted {job.name}: Slurm job {running[job.name][1].job_id}")
             for name, (job, future, start) in list(running.items()):
                 if not future.done():
                     continue

@@ -1149,6 +1149,7 @@ if __name__ == "__main__":
         if step % args.save_every == 0 or last:
             state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+            writer.flush()  # the logs up to this state are on disk before the state is
             save_checkpoint(checkpoint_path, {**checkpoint, **agents.state_dict(), **state})
         progress(step, printed=step % args.log_every == 0 or last)
     writer.close()

@@ -723,6 +723,7 @@ if __name__ == "__main__":
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
         checkpoint |= {"actor": cql["actor"], "log_alpha": cql["log_alpha"], **fqe.state_dict()}
         state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
+        writer.flush()  # the logs up to this state are on disk before the state is
         save_checkpoint(path, {**checkpoint, **state})
 
     start_time, last_step = time.time(), start_step

@@ -1334,6 +1334,7 @@ if __name__ == "__main__":
             state["env"] = env_snapshot(env, obs, episode_return)
             state["analysis_rng"] = json.dumps(analysis_rng.bit_generator.state)
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+            writer.flush()  # the logs up to this state are on disk before the state is
             save_checkpoint(state_path, {**checkpoint, **agents.state_dict(), **state})
     writer.close()
     print(f"Wrote {state_path}")

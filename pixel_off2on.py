@@ -1200,6 +1200,7 @@ if __name__ == "__main__":
             state["density_ratio_optimizer"] = ratio_optimizer.state_dict()
             state["rng"] = rng_state()
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
+            writer.flush()  # the logs up to this state are on disk before the state is
             save_checkpoint(state_path, {**checkpoint, **agents.state_dict(), **state})
     writer.close()
     print(f"Wrote {state_path}")

@@ -348,3 +348,16 @@ def test_an_extra_flag_no_script_has_is_an_error_before_anything_runs(tmp_path):
     assert "did you mean --total-timesteps?" in out.stderr
     some = bench.make_jobs(bench.Args(grid="fig3", seeds=1, extra="--first-epoch-multiplier 1"))
     assert any("--first-epoch-multiplier" in j.argv for j in some)  # only some accept it: runs
+
+
+def test_squeue_watcher_reads_states_and_ends_the_jobs_that_left_the_queue():
+    # where sacct fails, job states come from squeue: a job no longer listed has ended
+    watcher = bench.squeue_watcher_class()(delay_s=60)
+    for job_id in ("11", "12", "13"):
+        watcher.register_job(job_id)
+    info = watcher.read_info(b"11|RUNNING|node1\n12|PENDING|\n")
+    watcher._info_dict.update(info)
+    assert info["11"]["State"] == "RUNNING" and info["12"]["State"] == "PENDING"
+    assert [watcher.is_done(j, mode="cache") for j in ("11", "12", "13")] == [False, False, True]
+    command = watcher._make_command()
+    assert command[0] == "squeue" and not any(c.startswith("-j") for c in command)
