@@ -31,6 +31,9 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     non-finite [bcq_finetune]: stop_if_not_finite
     progress [cql_pretrain off2on_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
         rate_text Progress
+    tracking [cql_pretrain off2on_finetune bcq_finetune fqe_baseline pixel_off2on vae_shift_probe]:
+        start_tracking
+    videos [cql_pretrain off2on_finetune bcq_finetune]: VideoRecorder
 """
 
 import json
@@ -112,6 +115,16 @@ class Args:
     """set `torch.backends.cudnn.deterministic`"""
     exp_name: str = "awac"
     """name of the experiment: part of the run name and of the checkpoints' files"""
+    track: bool = False
+    """also log to Weights & Biases: every TensorBoard scalar, the settings and this file"""
+    wandb_project_name: str = "off2on"
+    """W&B project, with --track"""
+    wandb_entity: str | None = None
+    """W&B team or user, with --track (yours if not given)"""
+    capture_video: bool = False
+    """record evaluation episodes to videos/{run_name}/ (mp4) and to TensorBoard"""
+    video_every: int = 10
+    """with --capture-video: the first and the last evaluation, and every this many in between"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,13 +415,13 @@ class DatasetError(ValueError):
     """A dataset that can't be found or read; the message says how to provide it."""
 
 
-def make_env(env_spec) -> gym.Env:
-    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
-    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
-    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+def make_env(env_spec, **kwargs) -> gym.Env:
+    """gym.make(env_spec, **kwargs). Gymnasium's HalfCheetah XML sets its mass with the compiler
+    attribute `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without
+    that attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
     default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
     if not (env_spec.name == "HalfCheetah" and default_xml):
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     import gymnasium.envs.mujoco
     import mujoco
 
@@ -417,11 +430,11 @@ def make_env(env_spec) -> gym.Env:
         xml = f.read()
     total_mass = re.search(r' settotalmass="([^"]+)"', xml)
     if total_mass is None:  # a Gymnasium without the attribute
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
     with open(path, "w") as f:
         f.write(xml.replace(total_mass.group(0), ""))
-    env = gym.make(env_spec, xml_file=path)
+    env = gym.make(env_spec, xml_file=path, **kwargs)
     mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
     mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
     env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
@@ -753,6 +766,8 @@ def run_metadata(args: Args, data: OfflineData) -> dict:
 # settings that may change when a run is resumed: they don't change what is computed
 NOT_SETTINGS = ("resume", "cuda", "torch_deterministic", "total_timesteps", "eval_every")
 NOT_SETTINGS += ("eval_episodes", "save_every", "save_every_offline", "log_every")
+NOT_SETTINGS += ("track", "wandb_project_name", "wandb_entity", "capture_video")
+NOT_SETTINGS += ("video_every",)
 
 
 def validate_args(args: Args):
@@ -806,8 +821,79 @@ def collect(env, act, replay, obs, episode_return: float, n_steps: int):
     return obs, episode_return, finished
 
 
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking (CleanRL's --track)
+# ---------------------------------------------------------------------------------------------
+def start_tracking(args, run_name: str, run_id: str | None = None):
+    """With --track, a Weights & Biases run that receives every TensorBoard scalar (started before
+    the SummaryWriter, as CleanRL does); `run_id` (kept in the checkpoint) continues a resumed
+    run's. None without --track."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+        config=vars(args), name=run_name, save_code=True, id=run_id,
+        resume="allow" if run_id else None,
+    )  # fmt: skip
+
+
+class VideoRecorder(gym.Wrapper):
+    """An evaluation env that keeps the frames of the episodes it is told to record (`start`) and
+    writes them as an mp4 and to TensorBoard (`save`). Rendering is headless (MUJOCO_GL=egl by
+    default) and cheap: no shadows, reflections, skybox or multisampling (docs/tracking.md)."""
+
+    def __init__(self, env: gym.Env, folder: str):
+        super().__init__(env)
+        env.unwrapped.model.vis.quality.offsamples = 0  # before the renderer's context exists
+        self.folder, self.frames = folder, None
+
+    def frame(self):
+        import mujoco
+
+        frame = self.env.render()
+        scene = self.env.unwrapped.mujoco_renderer.viewer.scn
+        if scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW]:  # the renderer's first frame
+            for flag in ("mjRND_SHADOW", "mjRND_REFLECTION", "mjRND_SKYBOX"):
+                scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0
+            frame = self.env.render()
+        return frame
+
+    def reset(self, **kwargs):
+        result = self.env.reset(**kwargs)
+        if self.frames is not None:
+            self.frames.append(self.frame())
+        return result
+
+    def step(self, action):
+        result = self.env.step(action)
+        if self.frames is not None:
+            self.frames.append(self.frame())
+        return result
+
+    def start(self):
+        self.frames = []
+
+    def save(self, writer, step: int) -> str:
+        """{folder}/step{step}.mp4 at the env's own frame rate; in TensorBoard (tag eval/video),
+        every 4th frame at half size, which keeps the event file small."""
+        import imageio
+
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"step{step}.mp4")
+        fps = self.env.metadata["render_fps"]
+        imageio.mimwrite(path, self.frames, fps=fps, macro_block_size=1)
+        small = torch.as_tensor(np.stack(self.frames[::4])[:, ::2, ::2]).permute(0, 3, 1, 2)
+        writer.add_video("eval/video", small[None], step, fps=max(1, round(fps / 4)))
+        self.frames = None
+        return path
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.capture_video:  # headless rendering, chosen before MuJoCo is imported
+        os.environ.setdefault("MUJOCO_GL", "egl")
     seed, env_tag = args.seed, args.env_id.replace("/", "-")
     state_path = f"checkpoints/{args.exp_name}__{env_tag}__seed{seed}.pt"  # for --resume
     default_offline_path = f"checkpoints/{args.exp_name}__{env_tag}__seed{seed}__offline.pt"
@@ -876,6 +962,7 @@ if __name__ == "__main__":
         agent.load_state_dict(state)
         print(f"Starting from {offline_path} (offline phase skipped)")
 
+    tracking = start_tracking(args, run_name, state.get("wandb_id") if resume else None)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
@@ -889,6 +976,7 @@ if __name__ == "__main__":
     def save_state(epoch: int, online_env: dict | None = None):
         state = {"offline_step": offline_step, "epoch": epoch, "run_name": run_name}
         state.update(replay=replay.state_dict(), rng=rng_state())
+        state["wandb_id"] = tracking.id if tracking else None
         if online_env is not None:
             state["env"] = online_env
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
@@ -931,10 +1019,21 @@ if __name__ == "__main__":
         progress(offline_step, printed=offline_step % args.log_every == 0 or last)
 
     eval_envs = [make_env(data.env_spec) for _ in range(args.eval_episodes)]
+    if args.capture_video:  # the first evaluation episode, rendered
+        video_env = make_env(data.env_spec, render_mode="rgb_array", width=240, height=240)
+        eval_envs[0] = VideoRecorder(video_env, f"videos/{run_name}")
     env = make_env(data.env_spec)
 
     def log_evaluation(step):
+        evaluation, last = (
+            step // (args.eval_every * args.epoch_length),
+            step == args.total_timesteps,
+        )
+        if args.capture_video and (evaluation % args.video_every == 0 or last):
+            eval_envs[0].start()
         returns = evaluate(agent.policy, eval_envs, seed + 10_000, device)
+        if args.capture_video and eval_envs[0].frames is not None:
+            print(f"video: {eval_envs[0].save(writer, step)}")
         writer.add_scalar("eval/return", returns.mean(), step)
         line = f"eval after {step:,} online steps: return {returns.mean():.1f}"
         if data.ref_returns is not None:
@@ -998,4 +1097,6 @@ if __name__ == "__main__":
         if epoch % args.save_every == 0 or epoch == n_epochs:
             save_state(epoch, env_snapshot(env, obs, episode_return))
     writer.close()
+    if tracking:
+        tracking.finish()
     print(f"Wrote {state_path}")

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import tyro
@@ -58,6 +58,9 @@ class Args:
     checkpoint: str | None = None
     """start every run that fine-tunes a pretrained ensemble from this checkpoint (e.g. agents
     imported with `cql_pretrain.py --import-rlkit`): no pretraining jobs"""
+    track: bool = False
+    """pass --track to every training run (Weights & Biases), grouped as the figure is drawn: the
+    grid is the W&B group, the method the job type"""
     pretrain_extra: str = ""
     """flags for the cql_pretrain.py jobs only, e.g. "--log-every 100" """
     backend: Literal["local", "slurm", "submitit-local"] = "local"
@@ -93,10 +96,8 @@ class Args:
     bootstrap_reps: int = 50_000
     """stratified bootstrap resamples of the aggregate scores' 95% intervals"""
     at_steps: tuple[int, ...] = ()
-    """with `--plot`: also tabulate the scores at these online steps, and the dip: the lowest
-    score up to `--dip-until` steps minus the score at step 0 (the drop of the paper's Figure 1)"""
-    dip_until: int = 5_000
-    """online steps in which the dip is looked for"""
+    """with `--plot`: also tabulate the scores at these online steps, and the dip (the drop of
+    the paper's Figure 1, defined in `o2o_metrics`)"""
     reference: tuple[str, ...] = ()
     """with `--plot`: runs of other code drawn (dashed) and tabulated beside the grid's, as
     `LABEL=FILE.csv` with columns `env_steps` and `normalized_score` (e.g. the official code's
@@ -190,6 +191,7 @@ class Job:
     argv: tuple[str, ...]  # script (relative to this folder) and its flags
     deps: tuple[str, ...] = ()  # names of jobs that must succeed first
     rename: tuple[str, str] | None = None  # (partial, final) file, renamed after exit 0
+    wandb: tuple[str, str] | None = None  # with --track: its W&B (group, job type)
 
 
 def flag_groups(flags: list[str]) -> list[list[str]]:
@@ -293,6 +295,11 @@ def make_jobs(args: Args, notes: list[str] | None = None) -> list[Job]:
                 job = Job(f"{tag}__{m.exp_name}__{seed}", argv, deps)
                 provider = provider or (job.name if pixels else None)
                 jobs.append(job)
+    if args.track:  # every training job, in W&B's group of the grid, its method as the job type
+        for i, job in enumerate(jobs):
+            if not job.name.endswith("__dataset"):
+                method = job.name.split("__")[-2]
+                jobs[i] = replace(job, argv=(*job.argv, "--track"), wandb=(args.grid, method))
     return jobs
 
 
@@ -355,6 +362,8 @@ class RunJob:
         job = self.job
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         env["MKL_NUM_THREADS"] = str(self.threads)
+        if job.wandb:
+            env["WANDB_RUN_GROUP"], env["WANDB_JOB_TYPE"] = job.wandb
         with open(log_path(sweep_dir, job), "a") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(job))}\n")
             log.flush()
@@ -560,13 +569,80 @@ def seed_curves(runs: dict, env: str, exp: str, tag: str):
     return np.array(steps), np.array([[c[s] for s in steps] for c in curves])
 
 
-def final_scores(runs: dict, envs: list[str], exp: str, tag: str) -> dict[str, dict[int, float]]:
-    """{env: {seed: the tag's value at the run's last logged step}}."""
-    scores = {}
+DIP_FRACTION = 0.1  # the dip is looked for in the first 10% of a run's online steps,
+DIP_MIN_EVALS = 5  # and in at least its first 5 evaluations after step 0
+METRICS = {  # o2o_metrics' keys: the columns of {grid}_table.md
+    "offline": "offline", "dip": "dip", "final": "final", "online_mean": "online mean",
+    "gain": "gain",
+}  # fmt: skip
+AGGREGATED = {"final": "final score", "online_mean": "online mean"}  # what rliable aggregates
+
+
+def o2o_metrics(steps, scores) -> dict[str, float | None]:
+    """The offline-to-online metrics of one run's curve: `scores` evaluated at `steps`, online
+    env steps, where step 0 is the pretrained policy before any online step.
+
+    - offline: the score at step 0.
+    - dip: the lowest score among the evaluations in the first 10% of the online steps (steps up
+      to 10% of the curve's last step), but at least the first 5 evaluations after step 0 (all of
+      them if the curve has fewer), minus the offline score; 0 if none of them is below it. So
+      never positive: the drop right after the switch to online data (the paper's Figure 1).
+    - final: the score at the last step.
+    - online_mean: the mean of the scores after step 0, an area under the curve (the area over
+      the online steps divided by their number, for evenly spaced evaluations).
+    - gain: final minus offline.
+
+    A metric is None where the curve has nothing to compute it from: offline, dip and gain
+    without a step-0 evaluation; dip, final, online_mean and gain without one after step 0.
+    """
+    curve = dict(zip((int(s) for s in steps), (float(v) for v in scores)))
+    online = sorted(s for s in curve if s > 0)
+    out = dict.fromkeys(METRICS)
+    out["offline"] = offline = curve.get(0)
+    if not online:
+        return out
+    out["final"] = curve[online[-1]]
+    out["online_mean"] = sum(curve[s] for s in online) / len(online)
+    if offline is not None:
+        early = sum(s <= DIP_FRACTION * online[-1] for s in online)
+        lowest = min(curve[s] for s in online[: max(early, DIP_MIN_EVALS)])
+        out["dip"] = min(0.0, lowest - offline)
+        out["gain"] = out["final"] - offline
+    return out
+
+
+def run_metrics(runs: dict, envs: list[str], exp: str, tag: str) -> dict[str, dict[int, dict]]:
+    """{env: {seed: o2o_metrics of the run's `tag` curve}} of one method, each seed on its own
+    curve (a seed still running has fewer steps)."""
+    metrics = {}
     for (env, x, seed), scalars in sorted(runs.items()):
         if x == exp and env in envs and tag in scalars:
-            scores.setdefault(env, {})[seed] = scalars[tag][1][-1]
-    return scores
+            metrics.setdefault(env, {})[seed] = o2o_metrics(*scalars[tag])
+    return metrics
+
+
+def metric_scores(metrics: dict, key: str) -> dict[str, dict[int, float]]:
+    """{env: {seed: value}} of one metric of run_metrics, without the seeds where it is None."""
+    out = {
+        env: {s: m[key] for s, m in seeds.items() if m[key] is not None}
+        for env, seeds in metrics.items()
+    }
+    return {env: seeds for env, seeds in out.items() if seeds}
+
+
+def last_step(runs: dict, env: str, exps, tag: str) -> int | None:
+    """The last step any run of these methods has logged on `env` (None: no run)."""
+    ends = [s[tag][0][-1] for (e, x, _), s in runs.items() if e == env and x in exps and tag in s]
+    return max(ends, default=None)
+
+
+def reference_metrics(reference: tuple, last: int | None) -> dict[str, float | None]:
+    """o2o_metrics of a reference (label, steps, scores) cut at `last`, the last step of the
+    grid's runs on its dataset: its final score, online mean and dip window then cover the steps
+    that theirs do, not the reference's longer run."""
+    _, steps, scores = reference
+    keep = steps <= (float("inf") if last is None else last)
+    return o2o_metrics(steps[keep], scores[keep])
 
 
 def read_reference(spec: str) -> tuple:
@@ -590,9 +666,9 @@ def read_reference(spec: str) -> tuple:
     return label, *map(np.array, columns)
 
 
-def step_table(runs, envs, methods, tag, at_steps, dip_until, references=()) -> str:
+def step_table(runs, envs, methods, tag, at_steps, references=()) -> str:
     """The score at each of `at_steps` (mean +- std over the seeds that reached it, and their
-    number) and the dip: per seed, the lowest score in (0, dip_until] minus the score at 0."""
+    number) and the dip of o2o_metrics (over the seeds with a step 0 and a step after it)."""
     import numpy as np
 
     def cell(values):
@@ -604,19 +680,22 @@ def step_table(runs, envs, methods, tag, at_steps, dip_until, references=()) -> 
     head = " | ".join(f"{s:,}" for s in at_steps)
     lines = [f"| dataset | method | {head} | dip |", "|---|---|" + "---|" * (len(at_steps) + 1)]
     for env in envs:
-        rows = []
+        rows = []  # (label, [(the seed's {step: score}, its dip)])
         for exp, label in methods:
-            of_method = [s for (e, x, _), s in sorted(runs.items()) if (e, x) == (env, exp)]
-            rows.append((label, [dict(zip(*s[tag])) for s in of_method if tag in s]))
-        for label, steps, scores in references:
-            rows.append((label, [dict(zip(steps.astype(int).tolist(), scores.tolist()))]))
+            curves = [
+                s[tag] for (e, x, _), s in sorted(runs.items()) if (e, x) == (env, exp) and tag in s
+            ]
+            rows.append((label, [(dict(zip(*c)), o2o_metrics(*c)["dip"]) for c in curves]))
+        last = last_step(runs, env, dict(methods), tag)
+        for ref in references:
+            curve = dict(zip(ref[1].astype(int).tolist(), ref[2].tolist()))
+            rows.append((ref[0], [(curve, reference_metrics(ref, last)["dip"])]))
         for label, seeds in rows:
             if not seeds:
                 continue
-            cells = [cell([d[s] for d in seeds if s in d]) for s in at_steps]
-            done = [d for d in seeds if 0 in d and max(d) >= dip_until]
-            dips = [min(v for s, v in d.items() if 0 < s <= dip_until) - d[0] for d in done]
-            lines.append(f"| {env} | {label} | " + " | ".join([*cells, cell(dips)]) + " |")
+            cells = [cell([d[s] for d, _ in seeds if s in d]) for s in at_steps]
+            dips = cell([dip for _, dip in seeds if dip is not None])
+            lines.append(f"| {env} | {label} | " + " | ".join([*cells, dips]) + " |")
     return "\n".join(lines)
 
 
@@ -629,8 +708,9 @@ def iqm(scores):
 
 
 def aggregates(score_matrices: dict, reps: int, seed: int = 0) -> dict[str, dict]:
-    """IQM and mean over runs and datasets of each method's [n_runs, n_datasets] final scores,
-    with 95% stratified bootstrap intervals (rliable)."""
+    """IQM and mean over runs and datasets of each method's [n_runs, n_datasets] scores of one
+    metric (the final scores, the online means), with 95% stratified bootstrap intervals
+    (rliable)."""
     import numpy as np
     from rliable import library as rly
     from rliable import metrics
@@ -725,9 +805,10 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def plot_aggregates(agg: dict, profile_scores: dict, labels: dict, path: str):
-    """IQM and mean with their 95% intervals (left), and the performance profile: the share of
-    runs scoring above tau, for each tau (right)."""
+def plot_aggregates(aggs: dict, matrices: dict, labels: dict, path: str):
+    """A row per aggregated metric (AGGREGATED: final score, online mean): its IQM and mean with
+    their 95% intervals, and its performance profile, the share of runs scoring above tau for
+    each tau. `aggs` and `matrices` are keyed by metric, then by method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -735,45 +816,53 @@ def plot_aggregates(agg: dict, profile_scores: dict, labels: dict, path: str):
     import numpy as np
     from rliable import library as rly
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(agg) + 2.5))
-    names = list(agg)
-    for ax, key in zip(axes[:2], ("iqm", "mean")):
+    names = list(aggs["final"])  # a method keeps its colour in every panel
+    height = 0.5 * len(names) + 2.5
+    fig, rows = plt.subplots(len(aggs), 3, figsize=(13, height * len(aggs)), squeeze=False)
+    for axes, (metric, agg) in zip(rows, aggs.items()):
+        title = AGGREGATED[metric]
+        for ax, key in zip(axes[:2], ("iqm", "mean")):
+            for i, m in enumerate(names):
+                low, high = agg[m][f"{key}_ci"]
+                ax.barh(i, high - low, left=low, height=0.6, alpha=0.6, color=f"C{i}")
+                ax.plot([agg[m][key]] * 2, [i - 0.3, i + 0.3], color="k")
+            ax.set_yticks(range(len(names)), [labels[m] for m in names])
+            ax.set_title(f"{'IQM' if key == 'iqm' else 'Mean'} of the {title}")
+            ax.grid(axis="x", alpha=0.3)
+        scores = matrices[metric]
+        every = np.concatenate([v.ravel() for v in scores.values()])
+        taus = np.linspace(min(0.0, every.min()), max(every.max(), 1e-6), 101)
+        profiles, intervals = rly.create_performance_profile(scores, taus)
         for i, m in enumerate(names):
-            low, high = agg[m][f"{key}_ci"]
-            ax.barh(i, high - low, left=low, height=0.6, alpha=0.6, color=f"C{i}")
-            ax.plot([agg[m][key]] * 2, [i - 0.3, i + 0.3], color="k")
-        ax.set_yticks(range(len(names)), [labels[m] for m in names])
-        ax.set_title(key.upper() if key == "iqm" else "Mean")
-        ax.grid(axis="x", alpha=0.3)
-    all_scores = np.concatenate([s.ravel() for s in profile_scores.values()])
-    taus = np.linspace(min(0.0, all_scores.min()), max(all_scores.max(), 1e-6), 101)
-    profiles, intervals = rly.create_performance_profile(profile_scores, taus)
-    for i, m in enumerate(names):
-        axes[2].plot(taus, profiles[m], label=labels[m], color=f"C{i}")
-        axes[2].fill_between(taus, *intervals[m], alpha=0.2, color=f"C{i}")
-    axes[2].set_xlabel("final score tau")
-    axes[2].set_ylabel("fraction of runs with score > tau")
-    axes[2].legend()
-    axes[2].grid(alpha=0.3)
+            axes[2].plot(taus, profiles[m], label=labels[m], color=f"C{i}")
+            axes[2].fill_between(taus, *intervals[m], alpha=0.2, color=f"C{i}")
+        axes[2].set_xlabel(f"{title} tau")
+        axes[2].set_ylabel("fraction of runs with score > tau")
+        axes[2].legend()
+        axes[2].grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def markdown_table(scores: dict, envs: list[str], methods: list[tuple[str, str]]) -> str:
-    """Final scores, method x dataset: mean +- standard deviation over seeds (numpy's std,
-    ddof=0), and the number of seeds where not all have finished alike."""
+def markdown_table(metrics: dict, envs: list[str], methods: list, references=()) -> str:
+    """The metrics of o2o_metrics per dataset and method (`metrics`: {exp: {env: {seed: the
+    seed's metrics}}}), each mean +- standard deviation over the seeds that have it (numpy's
+    std, ddof=0) and their number; then a row per reference, (label, {env: its metrics})."""
     import numpy as np
 
-    lines = ["| method | " + " | ".join(envs) + " |", "|---|" + "---|" * len(envs)]
-    for exp, label in methods:
-        cells = []
-        for env in envs:
-            values = np.array(list(scores.get(exp, {}).get(env, {}).values()))
-            if len(values) == 0:
-                cells.append("")
-            else:
-                cells.append(f"{values.mean():.1f} ± {values.std():.1f} ({len(values)})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    def cell(values):
+        values = np.array([v for v in values if v is not None])
+        return f"{values.mean():.1f} ± {values.std():.1f} ({len(values)})" if len(values) else ""
+
+    lines = ["| dataset | method | " + " | ".join(METRICS.values()) + " |"]
+    lines.append("|---|---|" + "---|" * len(METRICS))
+    for env in envs:
+        rows = [(label, list(metrics.get(x, {}).get(env, {}).values())) for x, label in methods]
+        rows += [(label, [of_env[env]]) for label, of_env in references if env in of_env]
+        for label, seeds in rows:
+            if seeds:
+                cells = [cell([m[key] for m in seeds]) for key in METRICS]
+                lines.append(f"| {env} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -784,16 +873,20 @@ def grid_envs(args: Args, grid: str, found: set) -> list[str]:
     return sorted((e for e in envs if (e in PIXEL_TASKS) == (grid == "pixels")), key=env_order)
 
 
-def aggregate_table(agg: dict, matrices: dict, labels: dict) -> str:
-    lines = ["| method | IQM [95% CI] | mean [95% CI] | runs x datasets |", "|---|---|---|---|"]
-    for x, a in agg.items():
-        (il, ih), (ml, mh) = a["iqm_ci"], a["mean_ci"]
-        shape = " x ".join(map(str, matrices[x].shape))
-        iqm_cell, mean_cell = (
-            f"{a['iqm']:.1f} [{il:.1f}, {ih:.1f}]",
-            f"{a['mean']:.1f} [{ml:.1f}, {mh:.1f}]",
-        )
-        lines.append(f"| {labels[x]} | {iqm_cell} | {mean_cell} | {shape} |")
+def aggregate_table(aggs: dict, matrices: dict, labels: dict) -> str:
+    """IQM and mean with their intervals of each aggregated metric, a row per method."""
+    head = [f"{title}: {key} [95% CI]" for title in AGGREGATED.values() for key in ("IQM", "mean")]
+    lines = ["| method | " + " | ".join(head) + " | runs x datasets |"]
+    lines.append("|---|" + "---|" * (len(head) + 1))
+    for x in aggs["final"]:
+        cells = []
+        for metric in AGGREGATED:
+            a = aggs[metric][x]
+            for key in ("iqm", "mean"):
+                low, high = a[f"{key}_ci"]
+                cells.append(f"{a[key]:.1f} [{low:.1f}, {high:.1f}]")
+        shape = " x ".join(map(str, matrices["final"][x].shape))
+        lines.append(f"| {labels[x]} | " + " | ".join(cells) + f" | {shape} |")
     return "\n".join(lines)
 
 
@@ -816,20 +909,37 @@ def plot_all(args: Args) -> dict:
         ylabel = "success rate" if grid == "pixels" else "normalized score"
         path = os.path.join(args.out, grid)
         curves = plot_curves(runs, envs, methods, tag, ylabel, f"{path}_curves", references)
-        scores = {x: final_scores(runs, envs, x, tag) for x, _ in methods}
-        table = markdown_table(scores, envs, methods)
-        data[grid] = {"envs": envs, "curves": curves, "final_scores": scores, "table": table}
-        text = f"Final {tag}: mean ± std over seeds (seeds)\n\n{table}\n"
+        metrics = {x: run_metrics(runs, envs, x, tag) for x in labels}
+        last = {env: last_step(runs, env, labels, tag) for env in envs}
+        refs = [(r[0], {env: reference_metrics(r, last[env]) for env in envs}) for r in references]
+        table = markdown_table(metrics, envs, methods, refs)
+        data[grid] = {
+            "envs": envs, "curves": curves, "metrics": metrics, "reference_metrics": dict(refs),
+            "final_scores": {x: metric_scores(metrics[x], "final") for x in labels},
+            "table": table,
+        }  # fmt: skip
+        text = (
+            f"{tag}, mean ± std over seeds (seeds). offline: at step 0; dip: the lowest score "
+            "in the first 10% of the online steps (at least the first 5 evaluations) minus "
+            "offline, 0 if never below it; final: at the last step; online mean: the mean after "
+            f"step 0; gain: final minus offline\n\n{table}\n"
+        )
         if args.at_steps:
-            at = step_table(runs, envs, methods, tag, args.at_steps, args.dip_until, references)
+            at = step_table(runs, envs, methods, tag, args.at_steps, references)
             data[grid]["at_steps"] = at
             text += f"\n{tag} at these online steps, and the dip: mean ± std (seeds)\n\n{at}\n"
-        matrices = {x: score_matrix(scores[x], envs) for x, _ in methods}
-        if matrices := {x: m for x, m in matrices.items() if len(m)}:
-            agg = aggregates(matrices, args.bootstrap_reps)
-            data[grid]["aggregates"] = agg
-            plot_aggregates(agg, matrices, labels, f"{path}_aggregate")
-            text += f"\n{aggregate_table(agg, matrices, labels)}\n"
+        matrices = {}
+        for metric in AGGREGATED:
+            of_metric = {x: score_matrix(metric_scores(metrics[x], metric), envs) for x in labels}
+            matrices[metric] = {x: m for x, m in of_metric.items() if len(m)}
+        if matrices["final"]:
+            aggs = {k: aggregates(m, args.bootstrap_reps) for k, m in matrices.items()}
+            data[grid]["aggregates"] = aggs
+            plot_aggregates(aggs, matrices, labels, f"{path}_aggregate")
+            text += (
+                "\nIQM and mean over runs and datasets, 95% stratified bootstrap intervals\n\n"
+                f"{aggregate_table(aggs, matrices, labels)}\n"
+            )
         with open(f"{path}_table.md", "w") as f:
             f.write(text)
         print(f"{grid}: {len(envs)} datasets, {len(methods)} methods -> {path}_*", flush=True)

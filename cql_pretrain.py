@@ -34,6 +34,9 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     checkpoint path [off2on_finetune vae_shift_probe]: default_checkpoint_path
     progress [off2on_finetune awac_finetune bcq_finetune pixel_off2on fqe_baseline vae_shift_probe]:
         rate_text Progress
+    tracking [off2on_finetune awac_finetune bcq_finetune fqe_baseline pixel_off2on vae_shift_probe]:
+        start_tracking
+    videos [off2on_finetune awac_finetune bcq_finetune]: VideoRecorder
 """
 
 import math
@@ -117,6 +120,16 @@ class Args:
     """set `torch.backends.cudnn.deterministic`"""
     exp_name: str = "cql_pretrain"
     """name of the experiment, part of the run name"""
+    track: bool = False
+    """also log to Weights & Biases: every TensorBoard scalar, the settings and this file"""
+    wandb_project_name: str = "off2on"
+    """W&B project, with --track"""
+    wandb_entity: str | None = None
+    """W&B team or user, with --track (yours if not given)"""
+    capture_video: bool = False
+    """record evaluation episodes to videos/{run_name}/ (mp4) and to TensorBoard"""
+    video_every: int = 10
+    """with --capture-video: the first and the last evaluation, and every this many in between"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,13 +436,13 @@ class DatasetError(ValueError):
     """A dataset that can't be found or read; the message says how to provide it."""
 
 
-def make_env(env_spec) -> gym.Env:
-    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
-    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
-    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+def make_env(env_spec, **kwargs) -> gym.Env:
+    """gym.make(env_spec, **kwargs). Gymnasium's HalfCheetah XML sets its mass with the compiler
+    attribute `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without
+    that attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
     default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
     if not (env_spec.name == "HalfCheetah" and default_xml):
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     import gymnasium.envs.mujoco
     import mujoco
 
@@ -438,11 +451,11 @@ def make_env(env_spec) -> gym.Env:
         xml = f.read()
     total_mass = re.search(r' settotalmass="([^"]+)"', xml)
     if total_mass is None:  # a Gymnasium without the attribute
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
     with open(path, "w") as f:
         f.write(xml.replace(total_mass.group(0), ""))
-    env = gym.make(env_spec, xml_file=path)
+    env = gym.make(env_spec, xml_file=path, **kwargs)
     mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
     mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
     env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
@@ -987,6 +1000,8 @@ def import_rlkit(folder: str, ensemble_size: int, env) -> tuple[dict, dict]:
 NOT_SETTINGS = ("resume", "cuda", "torch_deterministic", "total_steps", "log_every", "eval_every")
 NOT_SETTINGS += ("eval_episodes", "save_every", "exp_name", "checkpoint_path", "dataset_only")
 NOT_SETTINGS += ("rollout_dataset", "rollout_steps", "import_rlkit")
+NOT_SETTINGS += ("track", "wandb_project_name", "wandb_entity", "capture_video")
+NOT_SETTINGS += ("video_every",)
 
 
 def validate_args(args: Args):
@@ -997,8 +1012,79 @@ def validate_args(args: Args):
         raise ValueError(f"--hidden-sizes must be positive integers, got {args.hidden_sizes}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking (CleanRL's --track)
+# ---------------------------------------------------------------------------------------------
+def start_tracking(args, run_name: str, run_id: str | None = None):
+    """With --track, a Weights & Biases run that receives every TensorBoard scalar (started before
+    the SummaryWriter, as CleanRL does); `run_id` (kept in the checkpoint) continues a resumed
+    run's. None without --track."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+        config=vars(args), name=run_name, save_code=True, id=run_id,
+        resume="allow" if run_id else None,
+    )  # fmt: skip
+
+
+class VideoRecorder(gym.Wrapper):
+    """An evaluation env that keeps the frames of the episodes it is told to record (`start`) and
+    writes them as an mp4 and to TensorBoard (`save`). Rendering is headless (MUJOCO_GL=egl by
+    default) and cheap: no shadows, reflections, skybox or multisampling (docs/tracking.md)."""
+
+    def __init__(self, env: gym.Env, folder: str):
+        super().__init__(env)
+        env.unwrapped.model.vis.quality.offsamples = 0  # before the renderer's context exists
+        self.folder, self.frames = folder, None
+
+    def frame(self):
+        import mujoco
+
+        frame = self.env.render()
+        scene = self.env.unwrapped.mujoco_renderer.viewer.scn
+        if scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW]:  # the renderer's first frame
+            for flag in ("mjRND_SHADOW", "mjRND_REFLECTION", "mjRND_SKYBOX"):
+                scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0
+            frame = self.env.render()
+        return frame
+
+    def reset(self, **kwargs):
+        result = self.env.reset(**kwargs)
+        if self.frames is not None:
+            self.frames.append(self.frame())
+        return result
+
+    def step(self, action):
+        result = self.env.step(action)
+        if self.frames is not None:
+            self.frames.append(self.frame())
+        return result
+
+    def start(self):
+        self.frames = []
+
+    def save(self, writer, step: int) -> str:
+        """{folder}/step{step}.mp4 at the env's own frame rate; in TensorBoard (tag eval/video),
+        every 4th frame at half size, which keeps the event file small."""
+        import imageio
+
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"step{step}.mp4")
+        fps = self.env.metadata["render_fps"]
+        imageio.mimwrite(path, self.frames, fps=fps, macro_block_size=1)
+        small = torch.as_tensor(np.stack(self.frames[::4])[:, ::2, ::2]).permute(0, 3, 1, 2)
+        writer.add_video("eval/video", small[None], step, fps=max(1, round(fps / 4)))
+        self.frames = None
+        return path
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.capture_video:  # headless rendering, chosen before MuJoCo is imported
+        os.environ.setdefault("MUJOCO_GL", "egl")
     N, seed = args.ensemble_size, args.seed
     checkpoint_path = args.checkpoint_path or default_checkpoint_path(args.env_id, N, seed)
     saved_args = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()}
@@ -1062,6 +1148,7 @@ if __name__ == "__main__":
 
     start_step, run_name = 0, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{seed}"
     run_name += f"__{int(time.time())}"
+    wandb_id = None
     if os.path.exists(checkpoint_path):  # --resume
         keys = ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")
         try:
@@ -1073,12 +1160,14 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {e}")
         agents.load_state_dict(checkpoint)
         start_step, run_name = checkpoint["global_step"], checkpoint["run_name"]
+        wandb_id = checkpoint.get("wandb_id")
         restore_rng_state(checkpoint["rng"])
         if start_step >= args.total_steps:  # leave its logs alone
             print(f"{checkpoint_path} is complete ({start_step:,} steps): nothing to resume")
             raise SystemExit(0)
         print(f"Resuming {checkpoint_path} at step {start_step:,}")
 
+    tracking = start_tracking(args, run_name, wandb_id)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
@@ -1090,6 +1179,10 @@ if __name__ == "__main__":
     )
     dataset = [torch.as_tensor(getattr(data, field), device=device) for field in FIELDS]
     eval_envs = [make_env(data.env_spec) for _ in range((N + 1) * args.eval_episodes)]
+    video = N * args.eval_episodes  # the merged policy's first evaluation episode, rendered
+    if args.capture_video:
+        video_env = make_env(data.env_spec, render_mode="rgb_array", width=240, height=240)
+        eval_envs[video] = VideoRecorder(video_env, f"videos/{run_name}")
 
     start_time, last_step = time.time(), start_step
     progress = Progress("CQL step", args.total_steps, start_step)
@@ -1124,9 +1217,14 @@ if __name__ == "__main__":
         # EVALUATE each member and the merged policy (SPS counts training only)
         if step % args.eval_every == 0 or last:
             eval_start = time.time()
+            earlier = step // args.eval_every - 1  # evaluations before this one
+            if args.capture_video and (earlier % args.video_every == 0 or last):
+                eval_envs[video].start()
             member_returns, merged_returns = evaluate(
                 agents.actor, eval_envs, seed + 10_000, device
             )
+            if args.capture_video and eval_envs[video].frames is not None:
+                print(f"video: {eval_envs[video].save(writer, step)}")
             writer.add_scalar("eval/return", merged_returns.mean(), step)
             for i, r in enumerate(member_returns.mean(1)):
                 writer.add_scalar(f"eval/member{i}_return", r, step)
@@ -1148,9 +1246,12 @@ if __name__ == "__main__":
         # SAVE the whole training state, atomically
         if step % args.save_every == 0 or last:
             state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
+            state["wandb_id"] = tracking.id if tracking else None
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
             writer.flush()  # the logs up to this state are on disk before the state is
             save_checkpoint(checkpoint_path, {**checkpoint, **agents.state_dict(), **state})
         progress(step, printed=step % args.log_every == 0 or last)
     writer.close()
+    if tracking:
+        tracking.finish()
     print(f"Wrote {checkpoint_path}")

@@ -36,6 +36,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
         rng_state restore_rng_state
     progress [cql_pretrain off2on_finetune awac_finetune bcq_finetune pixel_off2on vae_shift_probe]:
         rate_text Progress
+    tracking [cql_pretrain off2on_finetune awac_finetune bcq_finetune pixel_off2on vae_shift_probe]:
+        start_tracking
 """
 
 import math
@@ -91,6 +93,12 @@ class Args:
     """set `torch.backends.cudnn.deterministic`"""
     exp_name: str = "fqe"
     """name of the experiment, part of the run name"""
+    track: bool = False
+    """also log to Weights & Biases: every TensorBoard scalar, the settings and this file"""
+    wandb_project_name: str = "off2on"
+    """W&B project, with --track"""
+    wandb_entity: str | None = None
+    """W&B team or user, with --track (yours if not given)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,13 +338,13 @@ class DatasetError(ValueError):
     """A dataset that can't be found or read; the message says how to provide it."""
 
 
-def make_env(env_spec) -> gym.Env:
-    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
-    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
-    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+def make_env(env_spec, **kwargs) -> gym.Env:
+    """gym.make(env_spec, **kwargs). Gymnasium's HalfCheetah XML sets its mass with the compiler
+    attribute `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without
+    that attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
     default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
     if not (env_spec.name == "HalfCheetah" and default_xml):
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     import gymnasium.envs.mujoco
     import mujoco
 
@@ -345,11 +353,11 @@ def make_env(env_spec) -> gym.Env:
         xml = f.read()
     total_mass = re.search(r' settotalmass="([^"]+)"', xml)
     if total_mass is None:  # a Gymnasium without the attribute
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
     with open(path, "w") as f:
         f.write(xml.replace(total_mass.group(0), ""))
-    env = gym.make(env_spec, xml_file=path)
+    env = gym.make(env_spec, xml_file=path, **kwargs)
     mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
     mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
     env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
@@ -654,6 +662,24 @@ def dataset_of(args: Args, metadata: dict) -> tuple[str, str | None, int]:
     return env_id, dataset_path, random_dataset_size
 
 
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking (CleanRL's --track)
+# ---------------------------------------------------------------------------------------------
+def start_tracking(args, run_name: str, run_id: str | None = None):
+    """With --track, a Weights & Biases run that receives every TensorBoard scalar (started before
+    the SummaryWriter, as CleanRL does); `run_id` (kept in the checkpoint) continues a resumed
+    run's. None without --track."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+        config=vars(args), name=run_name, save_code=True, id=run_id,
+        resume="allow" if run_id else None,
+    )  # fmt: skip
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     try:
@@ -692,6 +718,7 @@ if __name__ == "__main__":
 
     start_step, run_name = 0, f"{data.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_name += f"__{int(time.time())}"
+    wandb_id = None
     if os.path.exists(partial_path):  # a rerun continues the unfinished run
         keys = ("dataset_id", "env_id", "obs_dim", "action_dim", "hidden_sizes", "ensemble_size")
         try:
@@ -702,9 +729,11 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {e}")
         fqe.load_state_dict(state)
         start_step, run_name = state["global_step"], state["run_name"]
+        wandb_id = state.get("wandb_id")
         restore_rng_state(state["rng"])
         print(f"Continuing {partial_path} at step {start_step:,}")
 
+    tracking = start_tracking(args, run_name, wandb_id)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
@@ -723,6 +752,7 @@ if __name__ == "__main__":
         checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
         checkpoint |= {"actor": cql["actor"], "log_alpha": cql["log_alpha"], **fqe.state_dict()}
         state = {"global_step": step, "run_name": run_name, "rng": rng_state()}
+        state["wandb_id"] = tracking.id if tracking else None
         writer.flush()  # the logs up to this state are on disk before the state is
         save_checkpoint(path, {**checkpoint, **state})
 
@@ -789,6 +819,8 @@ if __name__ == "__main__":
     if os.path.exists(partial_path):
         os.remove(partial_path)
     writer.close()
+    if tracking:
+        tracking.finish()
     command = f"python off2on_finetune.py --env-id {env_id} --ensemble-size {N}"
     if dataset_path:
         command += f" --dataset-path {dataset_path}"

@@ -32,6 +32,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     members [off2on_finetune]: parse_members
     progress [cql_pretrain off2on_finetune awac_finetune bcq_finetune fqe_baseline vae_shift_probe]:
         rate_text Progress
+    tracking [cql_pretrain off2on_finetune awac_finetune bcq_finetune fqe_baseline vae_shift_probe]:
+        start_tracking
 """
 
 import json
@@ -120,6 +122,16 @@ class Args:
     """set `torch.backends.cudnn.deterministic`"""
     exp_name: str = "pixel_off2on"
     """name of the experiment: part of the run name and of the fine-tuning state's file"""
+    track: bool = False
+    """also log to Weights & Biases: every TensorBoard scalar, the settings and this file"""
+    wandb_project_name: str = "off2on"
+    """W&B project, with --track"""
+    wandb_entity: str | None = None
+    """W&B team or user, with --track (yours if not given)"""
+    capture_video: bool = False
+    """record evaluation episodes to videos/{run_name}/ (mp4) and to TensorBoard"""
+    video_every: int = 10
+    """with --capture-video: the first and the last evaluation, and every this many in between"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,6 +805,48 @@ def evaluate(agents: Off2OnEnsemble, envs: list, seed: int, device) -> np.ndarra
     return success
 
 
+class VideoRecorder(gym.Wrapper):
+    """An evaluation env that keeps, for the episodes it is told to record (`start`), the agent's
+    48x48 frames and the same scene at 256x256 (render_mode="rgb_array"), and writes both as mp4s
+    and to TensorBoard (`save`)."""
+
+    def __init__(self, env: gym.Env, folder: str):
+        super().__init__(env)
+        self.folder, self.frames = folder, None
+
+    def keep(self, obs):
+        if self.frames is not None:
+            self.frames.append((obs.transpose(1, 2, 0), self.env.render()))
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.keep(obs)
+        return obs, info
+
+    def step(self, action):
+        result = self.env.step(action)
+        self.keep(result[0])
+        return result
+
+    def start(self):
+        self.frames = []
+
+    def save(self, writer, step: int) -> list[str]:
+        """{folder}/step{step}_48.mp4 and _256.mp4; TensorBoard tags eval/video_agent_view (48)
+        and eval/video (256)."""
+        import imageio
+
+        os.makedirs(self.folder, exist_ok=True)
+        fps, paths = self.env.metadata["render_fps"], []
+        for k, tag in enumerate(("eval/video_agent_view", "eval/video")):
+            frames = np.stack([pair[k] for pair in self.frames])
+            paths.append(os.path.join(self.folder, f"step{step}_{frames.shape[1]}.mp4"))
+            imageio.mimwrite(paths[-1], frames, fps=fps, macro_block_size=1)
+            writer.add_video(tag, torch.as_tensor(frames).permute(0, 3, 1, 2)[None], step, fps=fps)
+        self.frames = None
+        return paths
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, the offline phase, arguments
 # ---------------------------------------------------------------------------------------------
@@ -986,6 +1040,8 @@ def pretrain_cql(args: Args, data: FrameData, path: str, device):
 # settings that may change when a run is resumed: they don't change what is computed
 NOT_SETTINGS = ("resume", "cuda", "torch_deterministic", "online_episodes", "eval_every")
 NOT_SETTINGS += ("eval_episodes", "save_every", "dataset_workers")
+NOT_SETTINGS += ("track", "wandb_project_name", "wandb_entity", "capture_video")
+NOT_SETTINGS += ("video_every",)
 
 
 def validate_args(args: Args):
@@ -1051,6 +1107,24 @@ def train_step(agents, replay, density_ratio, ratio_optimizer, args: Args):
         logs["w_online_mean"] = w_online.detach().mean()
         logs["w_offline_mean"] = w_offline.detach().mean()
     return logs, int((idx < replay.n_offline).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking (CleanRL's --track)
+# ---------------------------------------------------------------------------------------------
+def start_tracking(args, run_name: str, run_id: str | None = None):
+    """With --track, a Weights & Biases run that receives every TensorBoard scalar (started before
+    the SummaryWriter, as CleanRL does); `run_id` (kept in the checkpoint) continues a resumed
+    run's. None without --track."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+        config=vars(args), name=run_name, save_code=True, id=run_id,
+        resume="allow" if run_id else None,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -1131,6 +1205,7 @@ if __name__ == "__main__":
     else:
         agents.load_pretrained(pretrained, members)
 
+    tracking = start_tracking(args, run_name, state.get("wandb_id") if resume else None)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(f"runs/{run_name}")
@@ -1141,10 +1216,18 @@ if __name__ == "__main__":
         f"replay {args.replay}, N={N}, {args.finetune_loss} loss, {device}; logs in runs/{run_name}"
     )
     eval_envs = [gym.make(pixel_envs.TASKS[args.task]) for _ in range(args.eval_episodes)]
+    if args.capture_video:  # the first evaluation episode, also rendered at 256x256
+        video_env = gym.make(pixel_envs.TASKS[args.task], render_mode="rgb_array")
+        eval_envs[0] = VideoRecorder(video_env, f"videos/{run_name}")
     env = gym.make(pixel_envs.TASKS[args.task])
 
     def log_evaluation(episode):
+        evaluation, last = episode // args.eval_every, episode == args.online_episodes
+        if args.capture_video and (evaluation % args.video_every == 0 or last):
+            eval_envs[0].start()
         success = evaluate(agents, eval_envs, seed + 10_000, device)
+        if args.capture_video and eval_envs[0].frames is not None:
+            print(f"videos: {', '.join(eval_envs[0].save(writer, replay.n_online))}")
         writer.add_scalar("eval/success_rate", success.mean(), replay.n_online)
         when = f"{episode} episodes ({replay.n_online:,} online steps)"
         print(f"eval after {when}: success rate {success.mean():.2f}", flush=True)
@@ -1199,8 +1282,11 @@ if __name__ == "__main__":
             state["density_ratio"] = density_ratio.state_dict()
             state["density_ratio_optimizer"] = ratio_optimizer.state_dict()
             state["rng"] = rng_state()
+            state["wandb_id"] = tracking.id if tracking else None
             checkpoint = {"format_version": CHECKPOINT_FORMAT, "metadata": metadata}
             writer.flush()  # the logs up to this state are on disk before the state is
             save_checkpoint(state_path, {**checkpoint, **agents.state_dict(), **state})
     writer.close()
+    if tracking:
+        tracking.finish()
     print(f"Wrote {state_path}")

@@ -35,6 +35,8 @@ Shared word for word with other scripts (tests/test_shared_blocks.py checks ever
     mlp [bcq_finetune]: mlp
     progress [cql_pretrain off2on_finetune awac_finetune bcq_finetune pixel_off2on fqe_baseline]:
         rate_text Progress
+    tracking [cql_pretrain off2on_finetune awac_finetune bcq_finetune fqe_baseline pixel_off2on]:
+        start_tracking
 """
 
 import math
@@ -90,6 +92,12 @@ class Args:
     """set `torch.backends.cudnn.deterministic`"""
     exp_name: str = "vae_shift_probe"
     """name of the experiment, part of the run name"""
+    track: bool = False
+    """also log to Weights & Biases: every TensorBoard scalar, the settings and this file"""
+    wandb_project_name: str = "off2on"
+    """W&B project, with --track"""
+    wandb_entity: str | None = None
+    """W&B team or user, with --track (yours if not given)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,13 +431,13 @@ class DatasetError(ValueError):
     """A dataset that can't be found or read; the message says how to provide it."""
 
 
-def make_env(env_spec) -> gym.Env:
-    """gym.make(env_spec). Gymnasium's HalfCheetah XML sets its mass with the compiler attribute
-    `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without that
-    attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
+def make_env(env_spec, **kwargs) -> gym.Env:
+    """gym.make(env_spec, **kwargs). Gymnasium's HalfCheetah XML sets its mass with the compiler
+    attribute `settotalmass`, which MuJoCo 4 deprecates with a warning per env: compile it without
+    that attribute, then scale the masses as the attribute did (the same model, bit for bit)."""
     default_xml = env_spec.kwargs.get("xml_file", "half_cheetah.xml") == "half_cheetah.xml"
     if not (env_spec.name == "HalfCheetah" and default_xml):
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     import gymnasium.envs.mujoco
     import mujoco
 
@@ -438,11 +446,11 @@ def make_env(env_spec) -> gym.Env:
         xml = f.read()
     total_mass = re.search(r' settotalmass="([^"]+)"', xml)
     if total_mass is None:  # a Gymnasium without the attribute
-        return gym.make(env_spec)
+        return gym.make(env_spec, **kwargs)
     path = os.path.join(tempfile.gettempdir(), f"off2on_half_cheetah_{os.getpid()}.xml")
     with open(path, "w") as f:
         f.write(xml.replace(total_mass.group(0), ""))
-    env = gym.make(env_spec, xml_file=path)
+    env = gym.make(env_spec, xml_file=path, **kwargs)
     mujoco.mj_setTotalmass(env.unwrapped.model, float(total_mass.group(1)))
     mujoco.mj_setConst(env.unwrapped.model, env.unwrapped.data)
     env.unwrapped.spec = env_spec  # what it is, with no temporary file in it
@@ -719,6 +727,24 @@ def validate_args(args: Args):
         raise ValueError(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking (CleanRL's --track)
+# ---------------------------------------------------------------------------------------------
+def start_tracking(args, run_name: str, run_id: str | None = None):
+    """With --track, a Weights & Biases run that receives every TensorBoard scalar (started before
+    the SummaryWriter, as CleanRL does); `run_id` (kept in the checkpoint) continues a resumed
+    run's. None without --track."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+        config=vars(args), name=run_name, save_code=True, id=run_id,
+        resume="allow" if run_id else None,
+    )  # fmt: skip
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint_path = args.checkpoint or default_checkpoint_path(args.env_id, 5, args.seed)
@@ -753,6 +779,7 @@ if __name__ == "__main__":
     run_dir = f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir += f"__{int(time.time())}"
 
+    tracking = start_tracking(args, os.path.basename(run_dir))
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(run_dir)
@@ -829,6 +856,8 @@ if __name__ == "__main__":
         iw_samples=args.iw_samples,
     )
     writer.close()
+    if tracking:
+        tracking.finish()
     stats = {
         name: f"mean {ll.mean():.3f} (median {np.median(ll):.3f}, n={len(ll):,})"
         for name, ll in (("offline", offline_ll), ("online", online_ll))

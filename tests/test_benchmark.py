@@ -190,11 +190,21 @@ def test_figures_and_tables_match_the_event_files(sweeps, tmp_path):
         assert curve["steps"] == sorted(per_seed[0])
         np.testing.assert_allclose(curve["mean"], values.mean(0), rtol=1e-6)
         np.testing.assert_allclose(curve["std"], values.std(0), rtol=1e-6, atol=1e-9)
-        cell = f"| {label} | {np.mean(finals):.1f} ± {np.std(finals):.1f} (2) |"
-        assert cell in table
-        agg = data["fig3"]["aggregates"][exp]
-        assert agg["mean"] == pytest.approx(np.mean(finals))
-        assert agg["iqm_ci"][0] <= agg["iqm"] <= agg["iqm_ci"][1]
+        # 3 online evaluations, all in the dip's window
+        offline = [d[0] for d in per_seed]
+        dips = [min(0.0, min(v for s, v in d.items() if s > 0) - d[0]) for d in per_seed]
+        means = [np.mean([v for s, v in d.items() if s > 0]) for d in per_seed]
+        gains = np.subtract(finals, offline)
+        cells = [f"{np.mean(v):.1f} ± {np.std(v):.1f} (2)" for v in (offline, dips, finals, means)]
+        row = f"| {ENV} | {label} | " + " | ".join(
+            [*cells, f"{gains.mean():.1f} ± {gains.std():.1f} (2)"]
+        )
+        assert row + " |" in table
+        aggs = data["fig3"]["aggregates"]
+        assert aggs["final"][exp]["mean"] == pytest.approx(np.mean(finals))
+        assert aggs["online_mean"][exp]["mean"] == pytest.approx(np.mean(means))
+        for agg in (aggs["final"][exp], aggs["online_mean"][exp]):
+            assert agg["iqm_ci"][0] <= agg["iqm"] <= agg["iqm_ci"][1]
     auroc = data["fig4b_q_auroc"][ENV]["off2on_finetune"]
     direct = [tf_scalars(dirs[("off2on_finetune", s)])["charts/q_auroc_ensemble"] for s in (1, 2)]
     np.testing.assert_allclose(auroc["mean"], np.mean([list(d.values()) for d in direct], 0))
@@ -282,30 +292,181 @@ def test_a_given_checkpoint_replaces_the_pretraining_jobs(tmp_path):
         bench.make_jobs(bench.Args(grid="finetune", checkpoint="nope.pt"))
 
 
+TAG = "eval/normalized_score"
+THOUSANDS = list(range(0, 11_000, 1000))  # step 0, then 10 online evaluations
+# offline 50; the 5-evaluation window (1000-5000) bottoms out at 38; 30 at 6000 lies outside it
+DIPS_AND_RECOVERS = [50.0, 44.0, 38.0, 41.0, 47.0, 52.0, 30.0, 55.0, 58.0, 60.0, 62.0]
+
+
+def row(env, label, cells):
+    return f"| {env} | {label} | " + " | ".join(cells) + " |"
+
+
+def one_run(*values):
+    """The cells of a row with one run: no spread."""
+    return [f"{v} ± 0.0 (1)" for v in values]
+
+
+# seeds 1, 2, 3 of "sac" below: offline [50, 52]; dip [-12, -5]; final [62, 51, 45]; online mean
+# [48.7, 49.25, 42.33]; gain [12, -1]. Seed 3 has no step 0: it counts for final and online mean.
+SAC_CELLS = (
+    "51.0 ± 1.0 (2)",
+    "-8.5 ± 3.5 (2)",
+    "52.7 ± 7.0 (3)",
+    "46.8 ± 3.1 (3)",
+    "5.5 ± 6.5 (2)",
+)
+SAC_ROW = row("e", "SAC", SAC_CELLS)
+
+
+def test_o2o_metrics_of_a_curve_that_dips_and_recovers():
+    m = bench.o2o_metrics(THOUSANDS, DIPS_AND_RECOVERS)
+    assert m["offline"] == 50.0
+    # 10% of 10,000 steps is one evaluation, so the first 5: min(44, 38, 41, 47, 52) - 50
+    assert m["dip"] == -12.0
+    assert m["final"] == 62.0
+    # the 10 evaluations after step 0, not step 0's 50: 487 / 10
+    assert m["online_mean"] == pytest.approx(48.7)
+    assert m["gain"] == 12.0
+
+
+def test_o2o_metrics_of_a_curve_that_never_dips():
+    m = bench.o2o_metrics([0, 1000, 2000, 3000, 4000, 5000], [40.0, 41.0, 42.0, 43.0, 45.0, 46.0])
+    assert m["dip"] == 0.0  # clipped: its lowest online score is 1 above the start
+    assert m["gain"] == 6.0 and m["online_mean"] == pytest.approx(43.4)
+    flat = bench.o2o_metrics([0, 100, 200], [40.0, 40.0, 40.0])
+    assert flat["dip"] == 0.0 and flat["gain"] == 0.0
+
+
+def test_the_dip_looks_at_least_at_the_first_5_evaluations():
+    # 10% of 20,000 steps covers 2 evaluations: the window is the first 5 (1000-5000) instead
+    steps = list(range(0, 21_000, 1000))
+    scores = [50.0, 49.0, 48.0, 47.0, 46.0, 40.0, 20.0] + [55.0] * 14
+    assert bench.o2o_metrics(steps, scores)["dip"] == -10.0  # 40 at 5000; not 20 at 6000
+    # fewer than 5 evaluations after step 0: all of them
+    assert bench.o2o_metrics([0, 100, 200, 300], [50.0, 48.0, 45.0, 52.0])["dip"] == -5.0
+
+
+def test_the_dip_looks_at_the_first_10_percent_of_a_long_run():
+    # 100,000 steps, one evaluation per 1000: 10% is the first 10 evaluations (1000-10,000)
+    steps = list(range(0, 101_000, 1000))
+    scores = [50.0] + [49.0] * 9 + [35.0, 20.0] + [60.0] * 89
+    assert len(scores) == len(steps)
+    assert bench.o2o_metrics(steps, scores)["dip"] == -15.0  # 35 at 10,000; not 20 at 11,000
+
+
+def test_a_curve_without_step_0_has_no_offline_dip_or_gain():
+    m = bench.o2o_metrics([1000, 2000, 3000], [40.0, 42.0, 45.0])
+    assert m["offline"] is None and m["dip"] is None and m["gain"] is None
+    assert m["final"] == 45.0 and m["online_mean"] == pytest.approx(42.333333)
+    started = bench.o2o_metrics([0], [40.0])  # no online step yet
+    assert started == {**dict.fromkeys(bench.METRICS), "offline": 40.0}
+
+
+def test_table_of_seeds_with_different_lengths_by_hand():
+    runs = {
+        ("e", "sac", 1): {TAG: (THOUSANDS, DIPS_AND_RECOVERS)},  # 50, -12, 62, 48.7, +12
+        ("e", "sac", 2): {TAG: (THOUSANDS[:5], [52.0, 50.0, 47.0, 49.0, 51.0])},  # still running
+        ("e", "sac", 3): {TAG: ([1000, 2000, 3000], [40.0, 42.0, 45.0])},  # no step 0
+        ("e", "bcq-ft", 1): {TAG: ([0, 1000], [30.0, 20.0])},
+    }
+    methods = [("sac", "SAC"), ("bcq-ft", "BCQ-ft")]
+    metrics = {x: bench.run_metrics(runs, ["e"], x, TAG) for x, _ in methods}
+    seed2 = metrics["sac"]["e"][2]  # on its own 4000 steps: 4 online evaluations, all in the window
+    assert seed2 == pytest.approx(
+        {"offline": 52.0, "dip": -5.0, "final": 51.0, "online_mean": 49.25, "gain": -1.0}
+    )
+    # a reference run longer than the runs: its metrics up to their last step, 10,000
+    steps = np.arange(0.0, 100_001.0, 1000.0)
+    scores = np.full(len(steps), 70.0)
+    scores[:11] = [40.0, 39.0, 41.0, 42.0, 43.0, 44.0, 45.0, 46.0, 30.0, 47.0, 50.0]
+    last = bench.last_step(runs, "e", dict(methods), TAG)
+    assert last == 10_000
+    reference = bench.reference_metrics(("official", steps, scores), last)
+    table = bench.markdown_table(metrics, ["e"], methods, [("official", {"e": reference})])
+    lines = table.splitlines()
+    assert lines[0] == "| dataset | method | offline | dip | final | online mean | gain |"
+    assert lines[2] == SAC_ROW
+    assert lines[3] == row("e", "BCQ-ft", one_run("30.0", "-10.0", "20.0", "20.0", "-10.0"))
+    # the reference: final 50 at 10,000 (not 70), online mean 427 / 10, dip in 1000-5000 (39),
+    # not 30 at 8000, which its full run's 10% window would reach
+    assert lines[4] == row("e", "official", one_run("40.0", "-1.0", "50.0", "42.7", "10.0"))
+    assert len(lines) == 5
+
+
 def test_scores_at_steps_and_the_dip_by_hand():
-    tag = "eval/normalized_score"
     steps = [0, 1000, 2000, 3000]
     runs = {
-        ("e", "off2on_finetune", 1): {tag: (steps, [40.0, 35.0, 38.0, 30.0])},
-        ("e", "off2on_finetune", 2): {tag: (steps, [40.0, 41.0, 42.0, 45.0])},  # no drop: dip > 0
-        ("e", "off2on_finetune", 3): {tag: (steps[:2], [40.0, 20.0])},  # not past dip_until yet
-        ("e", "sac-ft", 1): {tag: (steps, [30.0, 10.0, 20.0, 25.0])},
-        ("other", "sac-ft", 1): {tag: (steps, [0.0, 0.0, 0.0, 0.0])},
+        ("e", "off2on_finetune", 1): {TAG: (steps, [40.0, 35.0, 38.0, 30.0])},
+        ("e", "off2on_finetune", 2): {TAG: (steps, [40.0, 41.0, 42.0, 45.0])},  # no drop: dip 0
+        ("e", "off2on_finetune", 3): {TAG: (steps[:2], [40.0, 20.0])},  # still running
+        ("e", "sac-ft", 1): {TAG: (steps, [30.0, 10.0, 20.0, 25.0])},
+        ("other", "sac-ft", 1): {TAG: (steps, [0.0, 0.0, 0.0, 0.0])},
     }
-    reference = ("official", np.array([0.0, 1000.0, 2000.0]), np.array([38.0, 36.0, 39.0]))
+    # the reference's dip is looked for up to the runs' last step, 3000: 36 - 38, not 25 at 4000
+    ref_scores = np.array([38.0, 36.0, 39.0, 37.0, 25.0] + [50.0] * 36)
+    reference = ("official", np.arange(0.0, 41_000.0, 1000.0), ref_scores)
     methods = [("off2on_finetune", "Ours"), ("sac-ft", "SAC-ft")]
-    table = bench.step_table(runs, ["e"], methods, tag, (0, 1000, 3000), 2000, [reference])
+    table = bench.step_table(runs, ["e"], methods, TAG, (0, 1000, 3000), [reference])
     lines = table.splitlines()
     assert lines[0] == "| dataset | method | 0 | 1,000 | 3,000 | dip |"
-    # at 1000: 35, 41, 20 -> mean 32; dips (seeds 1, 2): 35 - 40, 41 - 40
+    # at 1000: 35, 41, 20 -> mean 32; dips, each seed's run having under 5 online evaluations:
+    # 30 - 40, 0 (never below 40), 20 - 40 -> -10 ± 8.2
     std = np.std([35.0, 41.0, 20.0])
-    assert (
-        lines[2]
-        == f"| e | Ours | 40.0 ± 0.0 (3) | 32.0 ± {std:.1f} (3) | 37.5 ± 7.5 (2) | -2.0 ± 3.0 (2) |"
-    )
+    cells = ["40.0 ± 0.0 (3)", f"32.0 ± {std:.1f} (3)", "37.5 ± 7.5 (2)", "-10.0 ± 8.2 (3)"]
+    assert lines[2] == row("e", "Ours", cells)
     assert lines[3] == "| e | SAC-ft | 30.0 | 10.0 | 25.0 | -20.0 |"
-    assert lines[4] == "| e | official | 38.0 | 36.0 |  | -2.0 |"
+    assert lines[4] == "| e | official | 38.0 | 36.0 | 37.0 | -2.0 |"
     assert len(lines) == 5
+
+
+def write_run(runs_dir, name, steps, scores):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(runs_dir, name))
+    for step, score in zip(steps, scores):
+        writer.add_scalar(TAG, score, step)
+    writer.close()
+
+
+def test_plot_writes_the_metrics_table_and_aggregates_both_metrics(tmp_path):
+    runs = tmp_path / "runs"
+    curves = {  # sac: the seeds of test_table_of_seeds_with_different_lengths_by_hand
+        ("sac", 1): (THOUSANDS, DIPS_AND_RECOVERS),
+        ("sac", 2): (THOUSANDS[:5], [52.0, 50.0, 47.0, 49.0, 51.0]),
+        ("sac", 3): ([1000, 2000, 3000], [40.0, 42.0, 45.0]),
+        ("bcq-ft", 1): ([0, 1000, 2000], [30.0, 20.0, 40.0]),
+        ("bcq-ft", 2): ([0, 1000, 2000], [30.0, 32.0, 34.0]),
+    }
+    for (exp, seed), (steps, scores) in curves.items():
+        write_run(runs, f"e__{exp}__{seed}__1", steps, scores)
+    args = bench.Args(plot=str(runs), out=str(tmp_path / "out"), bootstrap_reps=50)
+    args.at_steps = (0, 1000)
+    data = bench.plot_all(args)
+    assert list(data) == ["fig3"]  # both methods are only in Figure 3's grid
+    for name in ("fig3_curves", "fig3_aggregate"):
+        assert (tmp_path / "out" / f"{name}.png").exists()
+    text = (tmp_path / "out" / "fig3_table.md").read_text()
+    # bcq-ft: offline [30, 30], dip [-10, 0], final [40, 34], online mean [30, 33], gain [10, 4]
+    bcq = ["30.0 ± 0.0 (2)", "-5.0 ± 5.0 (2)", "37.0 ± 3.0 (2)", "31.5 ± 1.5 (2)", "7.0 ± 3.0 (2)"]
+    assert SAC_ROW in text.splitlines()
+    assert row("e", "BCQ-ft", bcq) in text.splitlines()
+    assert "| dataset | method | 0 | 1,000 | dip |" in text  # --at-steps
+    head = (
+        "| method | final score: IQM [95% CI] | final score: mean [95% CI] | "
+        "online mean: IQM [95% CI] | online mean: mean [95% CI] | runs x datasets |"
+    )
+    assert head in text
+    aggs = data["fig3"]["aggregates"]
+    assert aggs["final"]["sac"]["mean"] == pytest.approx((62 + 51 + 45) / 3)
+    assert aggs["online_mean"]["sac"]["mean"] == pytest.approx((48.7 + 49.25 + 127 / 3) / 3)
+    assert aggs["online_mean"]["bcq-ft"]["mean"] == pytest.approx(31.5)
+    for metric in ("final", "online_mean"):
+        for agg in aggs[metric].values():
+            assert agg["iqm_ci"][0] <= agg["iqm"] <= agg["iqm_ci"][1]
+    line = next(line for line in text.splitlines() if line.startswith("| BCQ-ft | "))
+    cells = line.strip("| ").split(" | ")
+    assert cells[2].startswith("37.0 [") and cells[4].startswith("31.5 [") and cells[5] == "2 x 1"
 
 
 def test_reference_files_are_read_or_refused(tmp_path):
@@ -361,3 +522,20 @@ def test_squeue_watcher_reads_states_and_ends_the_jobs_that_left_the_queue():
     assert [watcher.is_done(j, mode="cache") for j in ("11", "12", "13")] == [False, False, True]
     command = watcher._make_command()
     assert command[0] == "squeue" and not any(c.startswith("-j") for c in command)
+
+
+def test_track_reaches_every_training_run_grouped_by_grid_and_method(tmp_path):
+    args = bench.Args(grid="fig3", seeds=1, env_ids=(ENV,), methods=("off2on_finetune", "sac"))
+    args.track = True
+    jobs = {job.name: job for job in bench.make_jobs(args)}
+    assert "--track" not in jobs[f"{ENV}__dataset"].argv and not jobs[f"{ENV}__dataset"].wandb
+    for name, method in (("cql_pretrain__1", "cql_pretrain"), ("sac__1", "sac")):
+        job = jobs[f"{ENV}__{name}"]
+        assert job.argv[-1] == "--track" and job.wandb == ("fig3", method)
+    # the job's process gets them as W&B's environment variables
+    code = "import os; print(os.environ['WANDB_RUN_GROUP'], os.environ['WANDB_JOB_TYPE'])"
+    job = bench.Job("e__sac__1", ("-c", code), wandb=("fig3", "sac"))
+    assert bench.RunJob(job, str(tmp_path), "sweeps", 1)() == 0
+    assert (tmp_path / "sweeps" / "logs" / "e__sac__1.log").read_text().splitlines()[
+        -1
+    ] == "fig3 sac"

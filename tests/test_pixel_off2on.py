@@ -317,6 +317,21 @@ def test_checkpoint_with_other_networks_fails_naming_both(work):
     assert "hidden_sizes=[32, 32], but this run has hidden_sizes=[64, 64]" in out.stderr
 
 
+def test_capture_video_records_the_agents_view_and_a_larger_one(work):
+    import imageio.v3 as iio
+
+    out = run(work.path, *"--online-episodes 1 --exp-name video --capture-video".split())
+    assert out.returncode == 0, out.stderr
+    (folder,) = (work.path / "videos").iterdir()
+    # the evaluation before any online step and after the one episode (40 steps)
+    steps = sorted(int(name.split("_")[0][4:]) for name in os.listdir(folder))
+    assert steps == [0, 0, 40, 40]
+    for size in (48, 256):
+        frames = iio.imread(folder / f"step0_{size}.mp4")
+        assert frames.shape == (41, size, size, 3)  # the reset frame, then one per step
+        assert len({f.tobytes() for f in frames}) > 20  # the gripper moves
+
+
 def test_sumtree_sums_stay_exact_with_repeated_indices():
     """This file's sum tree (its own copy): after random batch updates with repeated indices, every
     internal node equals the sum of its two children and every leaf holds the last value written."""

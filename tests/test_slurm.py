@@ -16,6 +16,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("sweep_tool", os.path.join(ROOT, "benchmark.py"))
@@ -104,7 +105,9 @@ def test_the_run_was_requeued_at_its_time_limit_and_resumed(slurm):
         if "this job is timed-out" in open(path).read()  # submitit's handler of the signal
     ]
     assert timed_out
-    (run_dir,) = glob.glob(str(work / "runs" / f"{ENV}__sac__1__*"))
+    # a job signalled before the run's first save starts the run anew: the saved run's folder
+    run_name = torch.load(work / "checkpoints" / f"sac__{ENV}__n1__seed1.pt")["run_name"]
+    run_dir = str(work / "runs" / run_name)
     steps, _ = bench.read_scalars(run_dir)["eval/normalized_score"]
     assert steps == list(range(0, STEPS + 1, EPOCH))  # each evaluation once, none lost
     assert len(glob.glob(os.path.join(run_dir, "*tfevents*"))) >= 2  # resumed in the same folder
