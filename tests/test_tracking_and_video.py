@@ -47,11 +47,8 @@ def wandb_records(path):
         if left < 7 or (length == 0 and kind == 0):  # block trailer or padding
             pos += left
             continue
-        record = (
-            data[pos + 7 : pos + 7 + length]
-            if kind in (1, 2)
-            else record + data[pos + 7 :][:length]
-        )
+        chunk = data[pos + 7 : pos + 7 + length]
+        record = chunk if kind in (1, 2) else record + chunk  # a first chunk starts a record
         pos += 7 + length
         if kind in (1, 4):  # a full record, or its last chunk
             parsed = wandb_internal_pb2.Record()
